@@ -1,0 +1,205 @@
+"""The typed schema of `params.yaml`: one model per section, unknown keys rejected.
+
+`load_params()` is the only way stages read parameters. Any problem becomes a
+`ConfigError` naming the dotted key and what was expected (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mda.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- corpus
+class SyntheticCorpus(Section):
+    """The embedded, offline mini-Pile (see `mda.data.synthetic`)."""
+
+    mix: dict[Literal["prose", "code", "markup", "latex", "table", "junk"],
+              float] = Field(default_factory=lambda: {
+                  "prose": 0.30, "code": 0.15, "markup": 0.15, "latex": 0.10,
+                  "table": 0.15, "junk": 0.15})
+    """Domain proportions (normalised)."""
+    repeat_rate: float = Field(0.1, ge=0.0, le=1.0)
+    """Chance, at each phrase/line, of copying a verbatim span from earlier in the document."""
+
+    @model_validator(mode="after")
+    def _mix_positive(self):
+        if not self.mix or any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
+            raise ValueError("mix needs non-negative weights with a positive sum")
+        return self
+
+
+class PythiaCorpus(Section):
+    """The pre-shuffled Pile as Megatron `.bin/.idx` (uint16 tokens, rows of seq_len + 1)."""
+
+    path: str | None = None
+    """Path prefix of the `.bin`/`.idx` pair (without extension)."""
+    tokenizer: str | None = None
+    """Local directory of the GPT-NeoX tokenizer (saved next to the stream for decoding)."""
+
+
+class HfCorpus(Section):
+    """A 🤗 `datasets` dataset or local text/jsonl/parquet files, tokenized and packed."""
+
+    dataset: str | None = None
+    """Dataset name (or local dataset directory) for `datasets.load_dataset`."""
+    dataset_config: str | None = None
+    split: str = "train"
+    files: list[str] = Field(default_factory=list)
+    """Local files; used instead of `dataset` when given (.txt, .jsonl/.json, .parquet)."""
+    text_field: str = "text"
+    tokenizer: str | None = None
+    """Tokenizer name or local directory for `AutoTokenizer.from_pretrained`."""
+    domain_field: str | None = None
+    """Optional column holding each document's domain label (e.g. the Pile's `pile_set_name`)."""
+
+
+class Corpus(Section):
+    source: Literal["synthetic", "pythia", "hf"] = "synthetic"
+    seed: int = Field(0, ge=0)
+    seq_len: int = Field(128, ge=2)
+    """Tokens the model sees per row; rows store seq_len + 1 tokens (inputs and shifted targets)."""
+    batch_size: int = Field(16, ge=1)
+    """Rows per optimizer step."""
+    start_step: int = Field(0, ge=0)
+    """First optimizer step of the stream to materialise."""
+    steps: int = Field(3000, ge=1)
+    """Number of optimizer steps of the stream to materialise."""
+    synthetic: SyntheticCorpus = SyntheticCorpus()
+    pythia: PythiaCorpus = PythiaCorpus()
+    hf: HfCorpus = HfCorpus()
+
+    @model_validator(mode="after")
+    def _source_inputs(self):
+        if self.source == "pythia" and not self.pythia.path:
+            raise ValueError("corpus.pythia.path is required when source is 'pythia'")
+        if self.source == "hf" and not (self.hf.dataset or self.hf.files):
+            raise ValueError("corpus.hf.dataset or corpus.hf.files is required when source is 'hf'")
+        if self.source == "hf" and not self.hf.tokenizer:
+            raise ValueError("corpus.hf.tokenizer is required when source is 'hf'")
+        return self
+
+
+# ----------------------------------------------------------------------------- model
+class HubModel(Section):
+    """Pythia checkpoints from the Hugging Face hub (no optimizer state is published)."""
+
+    size: str = "14m"
+    """Pythia size: 14m, 31m, 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b, 12b."""
+    deduped: bool = False
+    revisions: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, 128,
+                                                          256, 512, 1000, 2000])
+    """Training steps to fetch, as `step<N>` revisions."""
+    cache_dir: str | None = None
+    """Hub cache directory (default: the huggingface_hub default)."""
+    local_files_only: bool = False
+    """Never touch the network; read only from `cache_dir`."""
+
+    @property
+    def repo_id(self) -> str:
+        return f"EleutherAI/pythia-{self.size}{'-deduped' if self.deduped else ''}"
+
+
+class Model(Section):
+    source: Literal["pretrain", "hub"] = "pretrain"
+    layers: int = Field(2, ge=1)
+    hidden_size: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=1)
+    rotary_pct: float = Field(0.25, gt=0.0, le=1.0)
+    max_position_embeddings: int = Field(256, ge=2)
+    init_seed: int = Field(0, ge=0)
+    hub: HubModel = HubModel()
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        return self
+
+
+# ----------------------------------------------------------------------------- pretrain
+class ProbeSettings(Section):
+    """Repeated random-token sequences used to score induction heads."""
+
+    sequences: int = Field(32, ge=1)
+    half_len: int = Field(32, ge=2)
+    """Length of the random half; each sequence is that half repeated once."""
+    seed: int = Field(0, ge=0)
+
+
+class Pretrain(Section):
+    """Pythia's optimizer recipe, scaled down."""
+
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Cosine decay ends at this fraction of the peak learning rate."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    save_every: int = Field(250, ge=1)
+    """Checkpoint spacing after step 512 (before it: 0, 1, 2, 4, ..., 512 as Pythia)."""
+    log_every: int = Field(10, ge=1)
+    threads: int = Field(2, ge=1)
+    """torch CPU threads; results are bit-exact only for the same thread count."""
+    probe: ProbeSettings = ProbeSettings()
+
+
+class Params(Section):
+    corpus: Corpus = Corpus()
+    model: Model = Model()
+    pretrain: Pretrain = Pretrain()
+
+    @model_validator(mode="after")
+    def _fits_model(self):
+        if self.model.source == "pretrain" and self.corpus.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"corpus.seq_len {self.corpus.seq_len} exceeds "
+                             f"model.max_position_embeddings {self.model.max_position_embeddings}")
+        return self
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {first['input']!r})"
+    msg = msg.removeprefix("Value error, ")
+    return f"{key}: {msg}" if key else msg
+
+
+def parse_params(raw: dict) -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(f"params: {_describe(err)}") from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {_describe(err)}") from None

@@ -1,0 +1,1 @@
+"""Training-stream sources and the Parquet stream they are written to."""

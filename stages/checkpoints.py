@@ -1,0 +1,65 @@
+"""DVC stage `checkpoints`: data/checkpoints/step<N>/ by local pretraining or from the hub."""
+
+import mlflow
+import pandas as pd
+
+from mda.cli import run_stage
+from mda.io import atomic_dir, atomic_file, write_json
+from mda.model import download_hub_checkpoints
+from mda.pretrain import checkpoint_induction_scores, pretrain
+from mda.tracking import stage_run
+
+CORPUS = "data/corpus"
+OUT = "data/checkpoints"
+METRICS = "metrics/checkpoints.json"
+LOSS_CSV = "plots/pretrain_loss.csv"
+INDUCTION_CSV = "plots/induction_curve.csv"
+
+
+def main(params):
+    section = {"model": params.model.model_dump(), "pretrain": params.pretrain.model_dump()}
+    with stage_run("checkpoints", section):
+        with atomic_dir(OUT) as tmp:
+            if params.model.source == "hub":
+                download_hub_checkpoints(params.model.hub, tmp)
+                induction = checkpoint_induction_scores(params, tmp)
+                losses = []
+            else:
+                log = pretrain(params, CORPUS, tmp, on_update=_log_update(params),
+                               on_checkpoint=_log_checkpoint)
+                induction, losses = log.induction, log.losses
+        curve = pd.DataFrame({"step": sorted(induction),
+                              "induction_score_max": [max(map(max, induction[s])) for s in sorted(induction)]})
+        _write_csv(curve, INDUCTION_CSV)
+        _write_csv(pd.DataFrame(losses, columns=["step", "loss", "lr"]), LOSS_CSV)
+        metrics = {
+            "source": params.model.source,
+            "checkpoints": len(curve),
+            "induction_score_max_first": float(curve.induction_score_max.iloc[0]),
+            "induction_score_max_last": float(curve.induction_score_max.iloc[-1]),
+        }
+        if losses:
+            metrics["final_loss"] = losses[-1][1]
+        write_json(METRICS, metrics)
+        for path in (METRICS, INDUCTION_CSV, LOSS_CSV):
+            mlflow.log_artifact(path)
+
+
+def _log_update(params):
+    def log(step, loss, lr):
+        if step % params.pretrain.log_every == 0:
+            mlflow.log_metrics({"loss": loss, "lr": lr}, step=step)
+    return log
+
+
+def _log_checkpoint(step, scores):
+    mlflow.log_metric("induction_score_max", scores.max().item(), step=step)
+
+
+def _write_csv(frame, path):
+    with atomic_file(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+if __name__ == "__main__":
+    run_stage(main)

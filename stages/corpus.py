@@ -1,0 +1,23 @@
+"""DVC stage `corpus`: the training stream, tokenizer and meta under data/corpus/."""
+
+import mlflow
+
+from mda.cli import run_stage
+from mda.data.corpus import build_corpus
+from mda.io import atomic_dir
+from mda.tracking import stage_run
+
+OUT = "data/corpus"
+
+
+def main(params):
+    with stage_run("corpus", {"corpus": params.corpus.model_dump()}):
+        with atomic_dir(OUT) as tmp:
+            meta = build_corpus(params.corpus, tmp)
+        mlflow.log_metrics({"rows": meta["rows"], "tokens": meta["tokens"]})
+        mlflow.log_metrics({f"domain_rows.{k}": v for k, v in meta["domain_counts"].items()})
+        mlflow.log_artifact(f"{OUT}/meta.json")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mda.config import load_params
+from mda.errors import ConfigError
+from tests.conftest import REPO, run_stage
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def test_repo_params_and_presets_are_valid():
+    load_params(REPO / "params.yaml")
+    for preset in (REPO / "presets").glob("*.yaml"):
+        load_params(preset)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"corpus": {"sedd": 1}}, "corpus.sedd: unknown key"),
+    ({"bogus": {}}, "bogus: unknown key"),
+    ({"corpus": {"batch_size": "many"}}, "corpus.batch_size"),
+    ({"corpus": {"batch_size": 0}}, "corpus.batch_size: Input should be greater than or equal to 1"),
+    ({"pretrain": {"lr": -1}}, "pretrain.lr"),
+    ({"model": {"hidden_size": 30, "heads": 4}}, "not divisible"),
+    ({"corpus": {"synthetic": {"mix": {"poetry": 1.0}}}}, "corpus.synthetic.mix.poetry"),
+    ({"corpus": {"seq_len": 512}}, "exceeds model.max_position_embeddings"),
+    ({"corpus": {"source": "pythia"}}, "corpus.pythia.path is required"),
+])
+def test_bad_params_name_the_key(tmp_path, data, needle):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, data))
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(write(tmp_path, "corpus: [unclosed"))
+
+
+def test_stage_exits_2_and_writes_nothing(pipeline_repo):
+    params = yaml.safe_load((pipeline_repo / "params.yaml").read_text())
+    params["corpus"]["sed"] = 3
+    (pipeline_repo / "params.yaml").write_text(yaml.safe_dump(params))
+    res = run_stage(pipeline_repo, "corpus")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: params.yaml: corpus.sed: unknown key"]
+    assert not (pipeline_repo / "data").exists()
