@@ -26,8 +26,8 @@ class SyntheticCorpus(Section):
 
     mix: dict[Literal["prose", "code", "markup", "latex", "table", "junk"],
               float] = Field(default_factory=lambda: {
-                  "prose": 0.30, "code": 0.15, "markup": 0.15, "latex": 0.10,
-                  "table": 0.15, "junk": 0.15})
+                  "prose": 0.25, "code": 0.10, "markup": 0.10, "latex": 0.10,
+                  "table": 0.15, "junk": 0.30})
     """Domain proportions (normalised)."""
     repeat_rate: float = Field(0.1, ge=0.0, le=1.0)
     """Chance, at each phrase/line, of copying a verbatim span from earlier in the document."""
@@ -67,13 +67,13 @@ class HfCorpus(Section):
 class Corpus(Section):
     source: Literal["synthetic", "pythia", "hf"] = "synthetic"
     seed: int = Field(0, ge=0)
-    seq_len: int = Field(128, ge=2)
+    seq_len: int = Field(64, ge=2)
     """Tokens the model sees per row; rows store seq_len + 1 tokens (inputs and shifted targets)."""
     batch_size: int = Field(16, ge=1)
     """Rows per optimizer step."""
     start_step: int = Field(0, ge=0)
     """First optimizer step of the stream to materialise."""
-    steps: int = Field(3000, ge=1)
+    steps: int = Field(4000, ge=1)
     """Number of optimizer steps of the stream to materialise."""
     synthetic: SyntheticCorpus = SyntheticCorpus()
     pythia: PythiaCorpus = PythiaCorpus()
@@ -112,10 +112,10 @@ class HubModel(Section):
 
 class Model(Section):
     source: Literal["pretrain", "hub"] = "pretrain"
-    layers: int = Field(2, ge=1)
-    hidden_size: int = Field(128, ge=8)
+    layers: int = Field(3, ge=1)
+    hidden_size: int = Field(64, ge=8)
     heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(512, ge=1)
+    intermediate_size: int = Field(256, ge=1)
     rotary_pct: float = Field(0.25, gt=0.0, le=1.0)
     max_position_embeddings: int = Field(256, ge=2)
     init_seed: int = Field(0, ge=0)

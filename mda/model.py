@@ -27,7 +27,9 @@ TRAINER_STATE = "trainer_state.pt"
 
 def neox_config(model: Model, vocab_size: int) -> GPTNeoXConfig:
     """Pythia's architecture at the size given in params: parallel residual, partial
-    rotary, untied unembedding, no dropout, LayerNorm eps 1e-5, init std 0.02."""
+    rotary, untied unembedding, no dropout, LayerNorm eps 1e-5, and GPT-NeoX's
+    "small_init" std sqrt(2 / (5·d_model)) (HF's 0.02 default is far smaller at tiny widths
+    and slows early learning of attention patterns)."""
     config = GPTNeoXConfig(
         vocab_size=vocab_size,
         hidden_size=model.hidden_size,
@@ -43,7 +45,7 @@ def neox_config(model: Model, vocab_size: int) -> GPTNeoXConfig:
         attention_dropout=0.0,
         hidden_dropout=0.0,
         layer_norm_eps=1e-5,
-        initializer_range=0.02,
+        initializer_range=(2.0 / (5.0 * model.hidden_size)) ** 0.5,
         bos_token_id=0,
         eos_token_id=0,
     )

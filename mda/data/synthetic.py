@@ -134,6 +134,7 @@ class _Doc:
         self.tok = {t: i for i, t in enumerate(vocab.tokens)}
         self.skip_bigram = vocab.skip_bigram
         self.agreement = 0.5
+        self.any_groups = tuple(g for g in vocab.groups if g != "special")
 
     def done(self) -> bool:
         return len(self.out) >= self.length
@@ -256,7 +257,8 @@ def _table(d: _Doc) -> None:
 
 
 def _junk(d: _Doc) -> None:
-    strings = d.entities(("junk", "digit", "punct"), 4, 10, 1, 3)
+    # Hashes, base64 blobs, repeated boilerplate: spans over the whole vocabulary.
+    strings = d.entities(d.any_groups, 4, 16, 1, 3)
     while not d.done():
         d.emit(*strings[int(d.rng.integers(len(strings)))])
         # Noise of varied length between repeats: a fixed period would teach offset copying.
