@@ -13,7 +13,7 @@ from tests.conftest import run_stage
 
 @pytest.mark.slow
 def test_dvc_repro_tiny(pipeline_repo):
-    env_uri = f"sqlite:///{pipeline_repo / 'mlflow.db'}"
+    env_uri = f"sqlite:///{pipeline_repo / 'mlflow.db'}"  # the default store: the repo root
     res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=pipeline_repo,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
