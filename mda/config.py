@@ -73,7 +73,7 @@ class Corpus(Section):
     """Rows per optimizer step."""
     start_step: int = Field(0, ge=0)
     """First optimizer step of the stream to materialise."""
-    steps: int = Field(4000, ge=1)
+    steps: int = Field(9000, ge=1)
     """Number of optimizer steps of the stream to materialise."""
     synthetic: SyntheticCorpus = SyntheticCorpus()
     pythia: PythiaCorpus = PythiaCorpus()
@@ -141,7 +141,7 @@ class ProbeSettings(Section):
 class Pretrain(Section):
     """Pythia's optimizer recipe, scaled down."""
 
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(3e-3, gt=0.0)
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     """Cosine decay ends at this fraction of the peak learning rate."""
@@ -149,7 +149,7 @@ class Pretrain(Section):
     grad_clip: float = Field(1.0, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
-    save_every: int = Field(250, ge=1)
+    save_every: int = Field(500, ge=1)
     """Checkpoint spacing after step 512 (before it: 0, 1, 2, 4, ..., 512 as Pythia)."""
     log_every: int = Field(10, ge=1)
     threads: int = Field(2, ge=1)

@@ -53,3 +53,9 @@ def test_stage_exits_2_and_writes_nothing(pipeline_repo):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["error: params.yaml: corpus.sed: unknown key"]
     assert not (pipeline_repo / "data").exists()
+
+
+def test_schema_defaults_match_params_yaml():
+    from mda.config import Params
+
+    assert Params() == load_params(REPO / "params.yaml")
