@@ -60,6 +60,9 @@ def pretrain(params: Params, corpus_dir: str | os.PathLike, out: str | os.PathLi
         raise MdaError(f"{corpus_dir}/meta.json: seq_len {meta['seq_len']} exceeds "
                        f"model.max_position_embeddings {params.model.max_position_embeddings}")
     stream = Stream(Path(corpus_dir) / "stream")
+    if stream.first_step != 0:
+        raise MdaError(f"{corpus_dir}: the stream starts at step {stream.first_step}; pretraining "
+                       "from scratch needs corpus.start_step: 0")
     first, last = stream.first_step, stream.last_step + 1  # checkpoint `last` follows the final update
     config = neox_config(params.model, meta["vocab_size"])
     model = new_model(config, params.model.init_seed)
@@ -97,10 +100,11 @@ def checkpoint_induction_scores(params: Params, root: str | os.PathLike) -> dict
     """Induction score of every saved checkpoint under `root` (for checkpoints not trained here)."""
     from mda.model import load_model, saved_steps
 
-    out = {}
+    out, probe = {}, None
     for step in tqdm(saved_steps(root), desc="induction scores", unit="ckpt"):
         model = load_model(step_dir(root, step))
-        special = tuple(sorted({model.config.bos_token_id, model.config.eos_token_id} - {None}))
-        probe = induction_probe_tokens(params, model.config.vocab_size, special)
+        if probe is None:  # one vocabulary for all revisions of a model
+            special = tuple(sorted({model.config.bos_token_id, model.config.eos_token_id} - {None}))
+            probe = induction_probe_tokens(params, model.config.vocab_size, special)
         out[step] = induction_scores(model, probe).tolist()
     return out

@@ -51,6 +51,14 @@ def token_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
                            reduction="none").view(input_ids.shape[0], -1)
 
 
+def batch_loss(model, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of a step: weighted token losses summed, divided by all target tokens."""
+    losses = token_losses(model, input_ids)
+    if row_weights is not None:
+        losses = losses * row_weights[:, None].to(losses.dtype)
+    return losses.sum() / losses.numel()
+
+
 class Trainer:
     """Optimizer, schedule and RNG bookkeeping around a model; `step()` makes one update."""
 
@@ -75,10 +83,7 @@ class Trainer:
     def step(self, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None) -> float:
         """One update on a batch; returns the batch's (weighted) mean token loss."""
         self.model.train()
-        losses = token_losses(self.model, input_ids)
-        if row_weights is not None:
-            losses = losses * row_weights[:, None].to(losses.dtype)
-        loss = losses.sum() / losses.numel()
+        loss = batch_loss(self.model, input_ids, row_weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)

@@ -1,10 +1,9 @@
 import torch
 
-from mda.config import Pretrain
 from mda.data.corpus import build_corpus
 from mda.data.stream import Stream
 from mda.model import TRAINER_STATE, neox_config, new_model, save_model, step_dir
-from mda.train import Trainer, lr_factor, pythia_save_steps, resume, token_losses, train_steps
+from mda.train import Trainer, batch_loss, lr_factor, pythia_save_steps, resume, train_steps
 
 
 def test_pythia_save_schedule():
@@ -62,7 +61,7 @@ def test_zero_weight_row_contributes_nothing(tiny_params):
     for batch, weights in ((ids, torch.tensor([1.0, 0.0, 1.0, 1.0])),
                            (ids.clone().index_fill_(0, torch.tensor([1]), 5), torch.tensor([1.0, 0.0, 1.0, 1.0]))):
         model = new_model(neox_config(p.model, 128), seed=0)
-        loss = (token_losses(model, batch) * weights[:, None]).sum() / (4 * 32)
+        loss = batch_loss(model, batch, weights)
         loss.backward()
         grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
     assert torch.equal(grads[0], grads[1])
