@@ -75,6 +75,8 @@ class Corpus(Section):
     """First optimizer step of the stream to materialise."""
     steps: int = Field(9000, ge=1)
     """Number of optimizer steps of the stream to materialise."""
+    heldout_rows: int = Field(256, ge=1)
+    """Rows never trained on (`heldout.parquet`), for held-out loss and the ICL score."""
     synthetic: SyntheticCorpus = SyntheticCorpus()
     pythia: PythiaCorpus = PythiaCorpus()
     hf: HfCorpus = HfCorpus()
@@ -157,10 +159,79 @@ class Pretrain(Section):
     probe: ProbeSettings = ProbeSettings()
 
 
+# ----------------------------------------------------------------------------- locate
+class Locate(Section):
+    """Which heads to study and over which steps (stage `locate`)."""
+
+    unit: Literal["induction", "previous_token"] = "induction"
+    """Unit type; its score is `prefix_matching` or `previous_token` (mda.units)."""
+    heads: Literal["auto"] | list[tuple[int, int]] = "auto"
+    """`auto` (the `auto_count` heads whose score rose most) or explicit [[layer, head], ...]."""
+    auto_count: int = Field(1, ge=1)
+    window: Literal["auto"] | tuple[int, int] = "auto"
+    """Formation window [start, end] in saved steps, or `auto` from the target trajectory."""
+    window_low: float = Field(0.1, gt=0.0, lt=1.0)
+    """`auto` window: starts at the last checkpoint before the score passes this share of its rise…"""
+    window_high: float = Field(0.9, gt=0.0, le=1.0)
+    """…and ends at the first checkpoint at or above this share."""
+    influence_step: Literal["start", "end"] | int = "end"
+    """Checkpoint at which influence is computed: window start, end, or an explicit saved step."""
+    probe: ProbeSettings = ProbeSettings(seed=1)
+    """Repeated random-token sequences for the attention metrics (a different seed from
+    pretraining's progress probe, so target choice is not fit to the logged curve)."""
+    heldout_rows: int = Field(256, ge=1)
+    """Held-out rows (at most `corpus.heldout_rows`) for loss and the ICL score."""
+    max_sequences: int = Field(1024, ge=1)
+    """Largest batch of sequences in one forward (bounds memory on big models)."""
+
+    @model_validator(mode="after")
+    def _window_order(self):
+        if self.window != "auto" and self.window[0] >= self.window[1]:
+            raise ValueError(f"window start {self.window[0]} must be before its end {self.window[1]}")
+        if self.window_low >= self.window_high:
+            raise ValueError("window_low must be below window_high")
+        return self
+
+
+# ----------------------------------------------------------------------------- influence
+class Influence(Section):
+    """Head-restricted EK-FAC influence (stages `factors`, `gradients`, `scores`)."""
+
+    blocks: Literal["qk", "qkvo"] = "qkvo"
+    """A head's parameter blocks: W_QK only, or W_QK, W_V and W_O (biases never; see mda.heads)."""
+    probe: Literal["auto", "induction", "prev_token"] = "auto"
+    """What the score measures; `auto` follows `locate.unit`."""
+    probe_sequences: int = Field(32, ge=1)
+    probe_half_len: int = Field(32, ge=2)
+    probe_seed: int = Field(2, ge=0)
+    """Repeated random-token sequences of the probe (a seed unlike locate's and pretraining's)."""
+    fisher: Literal["true", "empirical"] = "true"
+    """Curvature labels: sampled from the model (true Fisher) or the data's (empirical Fisher)."""
+    damping: float = Field(0.1, gt=0.0)
+    """α: damping λ = α · mean(Λ) per block."""
+    factor_samples: int = Field(2048, ge=0)
+    """Window samples the factors are fitted on, spread evenly over the window (0 = all)."""
+    label_seed: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    """Sequences per forward/backward."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Storage type of cached gradients (computation is float32)."""
+    projection: int = Field(0, ge=0)
+    """LoGra-style factored projection rank for both sides of each block (0 = none)."""
+    projection_seed: int = Field(0, ge=0)
+    shard_samples: int = Field(4096, ge=1)
+    """Samples per gradient shard; a rerun skips complete shards."""
+    mode: Literal["cached", "streaming"] = "cached"
+    """`cached`: scores read the gradient shards; `streaming`: recompute gradients, no cache."""
+    threads: int = Field(2, ge=1)
+
+
 class Params(Section):
     corpus: Corpus = Corpus()
     model: Model = Model()
     pretrain: Pretrain = Pretrain()
+    locate: Locate = Locate()
+    influence: Influence = Influence()
 
     @model_validator(mode="after")
     def _fits_model(self):

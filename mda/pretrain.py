@@ -36,7 +36,7 @@ def induction_probe_tokens(params: Params, vocab_size: int, special_ids: tuple[i
 def induction_scores(model, probe_tokens: torch.Tensor) -> torch.Tensor:
     """(layers, heads) prefix-matching score."""
     model.eval()
-    return prefix_matching_score(attention_patterns(model, probe_tokens), probe_tokens.shape[1] // 2)
+    return prefix_matching_score(attention_patterns(model, probe_tokens), probe_tokens)
 
 
 def read_corpus_meta(corpus_dir: str | os.PathLike) -> dict:

@@ -1,3 +1,4 @@
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -10,11 +11,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for seconds on 2 cores; same code paths as the default.
 TINY = {
-    "corpus": {"seq_len": 32, "batch_size": 4, "steps": 12},
+    "corpus": {"seq_len": 32, "batch_size": 4, "steps": 12, "heldout_rows": 16},
     "model": {"layers": 2, "hidden_size": 32, "heads": 2, "intermediate_size": 64,
               "max_position_embeddings": 64},
     "pretrain": {"warmup_steps": 2, "save_every": 4, "log_every": 2, "threads": 1,
                  "probe": {"sequences": 4, "half_len": 8}},
+    "locate": {"probe": {"sequences": 4, "half_len": 8}, "heldout_rows": 16},
 }
 
 
@@ -36,8 +38,21 @@ def tiny_params():
 @pytest.fixture
 def pipeline_repo(tmp_path):
     """A fresh copy of the repository (code, dvc.yaml, tiny params.yaml) as its own git+DVC repo."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
+    return make_pipeline_repo(tmp_path / "repo")
+
+
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory):
+    """A tiny pipeline repo whose `corpus` and `checkpoints` stages have run (shared by a module)."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("trained") / "repo")
+    for stage in ("corpus", "checkpoints"):
+        res = run_stage(repo, stage)
+        assert res.returncode == 0, res.stderr
+    return repo
+
+
+def make_pipeline_repo(repo: Path) -> Path:
+    repo.mkdir(parents=True)
     for name in ("mda", "stages", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
         src = REPO / name
         if src.is_dir():
@@ -53,9 +68,57 @@ def pipeline_repo(tmp_path):
     return repo
 
 
+def set_params(repo: Path, override: dict) -> dict:
+    """Apply `override` to the repo's params.yaml; return the previous params to restore."""
+    before = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(deep_update(before, override)))
+    return before
+
+
 def run_stage(repo: Path, stage: str, env: dict | None = None):
     import os
 
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", **(env or {})}
     return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, capture_output=True,
                           text=True, env=full_env)
+
+
+# ----------------------------------------------------------------------------- a fake hub cache
+REPO_DIR = "models--EleutherAI--pythia-14m"
+
+
+def tiny_model(seed):
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32))
+
+
+def add_revision(cache, revision, saved):
+    """Lay out `saved` as huggingface_hub does: blobs, a snapshot of symlinks, a ref."""
+    repo = cache / REPO_DIR
+    commit = hashlib.sha1(revision.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        data = (saved / name).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(f"../../blobs/{blob.name}")
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    models = {}
+    for step in (0, 1):
+        models[step] = tiny_model(seed=step)
+        models[step].save_pretrained(tmp_path / f"saved{step}")
+        add_revision(tmp_path / "cache", f"step{step}", tmp_path / f"saved{step}")
+        shutil.rmtree(tmp_path / f"saved{step}")
+    return tmp_path / "cache", models
