@@ -28,7 +28,7 @@ def test_dvc_repro_tiny(pipeline_repo):
     runs = MlflowClient(env_uri).search_runs(
         [MlflowClient(env_uri).get_experiment_by_name("mda").experiment_id])
     stages = {r.data.tags["stage"]: r.data.tags["pipeline_id"] for r in runs}
-    assert set(stages) == {"corpus", "checkpoints", "locate"}
+    assert set(stages) == {"corpus", "checkpoints", "locate", "factors", "gradients", "scores"}
     targets = json.loads((pipeline_repo / "data/locate/targets.json").read_text())
     assert targets["influence_step"] in [0, 1, 2, 4, 8, 12]
     assert len(set(stages.values())) == 1, "stages of one dvc repro share a pipeline id"

@@ -1,0 +1,268 @@
+"""Head-restricted EK-FAC influence: per-sample gradients, EK-FAC against the exact damped
+Fisher, cache vs streaming, invariance to batching/sharding, and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from mda.config import Influence
+from mda.errors import MdaError
+from mda.heads import Head, head_blocks, module_blocks
+from mda.influence.ekfac import fit_ekfac
+from mda.influence.grads import Projector, capture_batch, per_sample_gradients, sequence_losses
+from mda.influence.probes import PROBES, probe_gradient
+from mda.units import repeated_random_tokens
+from tests.conftest import run_stage, set_params
+
+VOCAB = 40
+
+
+def spearman(x, y) -> float:
+    return pd.Series(np.asarray(x)).corr(pd.Series(np.asarray(y)), method="spearman")
+
+
+def tiny_model(seed=0, hidden=16, heads=2, layers=2):
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, intermediate_size=2 * hidden, rotary_pct=0.25,
+                           max_position_embeddings=64, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    model = GPTNeoXForCausalLM(config).double().eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():  # peaked, head-specific attention rather than near-uniform init
+        for block in model.gpt_neox.layers:
+            block.attention.query_key_value.weight.add_(0.3 * torch.randn_like(block.attention.query_key_value.weight))
+    return model
+
+
+def flat(grads: dict, blocks) -> torch.Tensor:
+    return torch.cat([grads[b.name].flatten(1) for b in blocks], 1)
+
+
+# ----------------------------------------------------------------------------- per-sample gradients
+@pytest.mark.parametrize("blocks_of", [lambda c: head_blocks(c, Head(1, 1)), lambda c: module_blocks(0)])
+def test_per_sample_gradients_equal_single_backward_calls(blocks_of):
+    model = tiny_model()
+    blocks = blocks_of(model.config)
+    ids = torch.randint(1, VOCAB, (5, 12))
+    captured = capture_batch(model, ids, blocks)
+    for i in range(len(ids)):
+        model.zero_grad()
+        sequence_losses(model, ids[i:i + 1]).sum().backward()
+        for b in blocks:
+            expected = b.slice_grad(b.linear(model).weight.grad)
+            assert torch.allclose(per_sample_gradients(*captured[b.name])[i], expected, atol=1e-8, rtol=0), b.name
+
+
+def test_projection_is_p_out_g_p_in_transposed():
+    model = tiny_model()
+    blocks = head_blocks(model.config, Head(0, 0))
+    ids = torch.randint(1, VOCAB, (3, 10))
+    projector = Projector(rank=4, seed=0)
+    full = capture_batch(model, ids, blocks)
+    projected = capture_batch(model, ids, blocks, projector=projector)
+    for b in blocks:
+        g_full = per_sample_gradients(*full[b.name])
+        expected = torch.stack([projector.project_grad(b, g) for g in g_full])
+        assert torch.allclose(per_sample_gradients(*projected[b.name]), expected, atol=1e-10)
+
+
+def test_probe_gradient_is_the_probe_derivative_on_the_head_rows():
+    model = tiny_model()
+    head = Head(1, 0)
+    blocks = head_blocks(model.config, head)
+    tokens = repeated_random_tokens(VOCAB, 3, 6, seed=0, exclude=(0,))
+    for name in PROBES:
+        grads = probe_gradient(model, name, tokens, head, blocks)
+        model.zero_grad()
+        PROBES[name](model, tokens, head).backward()
+        for b in blocks:
+            weight = b.linear(model).weight
+            full = torch.zeros_like(weight) if weight.grad is None else weight.grad
+            assert torch.allclose(grads[b.name], b.slice_grad(full), atol=1e-12)
+        # A central difference along the qk block agrees with the gradient (HF's eager
+        # attention takes its softmax in float32 even in a float64 model: hence 1e-4 steps).
+        b = blocks[0]
+        direction = torch.randn(b.shape(model), dtype=torch.float64)
+        with torch.no_grad():
+            w = b.linear(model).weight
+            rows = list(b.out_index)
+            w[rows] += 1e-4 * direction
+            up = PROBES[name](model, tokens, head).item()
+            w[rows] -= 2e-4 * direction
+            down = PROBES[name](model, tokens, head).item()
+            w[rows] += 1e-4 * direction
+        assert (up - down) / 2e-4 == pytest.approx((grads[b.name] * direction).sum().item(), rel=1e-2)
+    # The previous-token probe reads the attention pattern only: nothing flows into V or O.
+    grads = probe_gradient(model, "prev_token", tokens, head, blocks)
+    assert grads[f"{head.name}/v"].abs().max() == 0 and grads[f"{head.name}/o"].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------- EK-FAC
+def mc_fisher(model, data, blocks, seed):
+    """The sampled-label Fisher of the blocks, built explicitly: E_n[vec G_n vec G_nᵀ]."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [flat({n: per_sample_gradients(a, g) for n, (a, g) in
+                  capture_batch(model, ids, blocks, "sampled", gen).items()}, blocks)
+            for ids in data.split(32)]
+    grads = torch.cat(rows)
+    return grads.T @ grads / len(grads)
+
+
+def test_eigenvalue_correction_is_the_fisher_diagonal_in_the_eigenbasis():
+    """EK-FAC's Λ must equal diag(Q_S⊗Q_A)ᵀ F (Q_S⊗Q_A) of the explicit Fisher with the same
+    label draws, and its preconditioner must be the exact inverse of that reconstructed F."""
+    model = tiny_model(seed=1)
+    head = Head(1, 0)
+    blocks = head_blocks(model.config, head, "qk")
+    data = torch.randint(1, VOCAB, (96, 10))
+    factors = fit_ekfac(model, lambda: iter(data.split(32)), blocks, seed=3)
+    f = factors[blocks[0].name]
+    fisher = mc_fisher(model, data, blocks, seed=3)
+    basis = torch.kron(f.gradient_eigenvectors, f.activation_eigenvectors)  # vec(row-major G)
+    assert torch.allclose((basis.T @ fisher @ basis).diagonal().view_as(f.eigenvalues), f.eigenvalues,
+                          rtol=1e-8, atol=1e-12)
+    reconstructed = basis @ torch.diag(f.eigenvalues.flatten() + f.damping) @ basis.T
+    v = torch.randn(f.eigenvalues.shape, dtype=torch.float64)
+    assert torch.allclose(f.precondition(v).flatten(), torch.linalg.solve(reconstructed, v.flatten()), atol=1e-9)
+    assert f.damping == pytest.approx(0.1 * f.eigenvalues.mean().item())
+
+
+def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
+    """EK-FAC vs the exact damped-inverse influence on a model small enough for the explicit
+    Fisher of the head's blocks (512 parameters, qk + v + o). The exact side uses the same
+    label draws and per-block damping; the identity baseline is the plain gradient dot product."""
+    model = tiny_model()
+    head = Head(1, 0)
+    blocks = head_blocks(model.config, head)
+    data = torch.randint(1, VOCAB, (8192, 9), generator=torch.Generator().manual_seed(0))
+    factors = fit_ekfac(model, lambda: iter(data.split(256)), blocks, seed=0)
+    fisher = mc_fisher(model, data, blocks, seed=0)
+    damping = torch.cat([torch.full((factors[b.name].eigenvalues.numel(),), factors[b.name].damping,
+                                    dtype=torch.float64) for b in blocks])
+    tokens = repeated_random_tokens(VOCAB, 8, 8, seed=0, exclude=(0,))
+    probe = probe_gradient(model, "induction", tokens, head, blocks)
+    train = torch.randint(1, VOCAB, (200, 9), generator=torch.Generator().manual_seed(1))
+    grads = {n: per_sample_gradients(a, g) for n, (a, g) in capture_batch(model, train, blocks).items()}
+    g_train, g_probe = flat(grads, blocks), flat({n: v[None] for n, v in probe.items()}, blocks)[0]
+    exact = -(g_train @ torch.linalg.solve(fisher + torch.diag(damping), g_probe))
+    ekfac = -sum((grads[b.name] * factors[b.name].precondition(probe[b.name])).sum((1, 2)) for b in blocks)
+    identity = -(g_train @ g_probe)
+    # The same without cross-block curvature: what is left is EK-FAC's within-block error.
+    blockwise, start = torch.zeros(len(train), dtype=torch.float64), 0
+    for b in blocks:
+        n = factors[b.name].eigenvalues.numel()
+        part = slice(start, start + n)
+        start += n
+        blockwise -= g_train[:, part] @ torch.linalg.solve(
+            fisher[part, part] + factors[b.name].damping * torch.eye(n, dtype=torch.float64), g_probe[part])
+    rho, rho_identity, rho_blockwise = spearman(ekfac, exact), spearman(identity, exact), spearman(ekfac, blockwise)
+    with capsys.disabled():
+        print(f"\n[exact check] Spearman(EK-FAC, exact) = {rho:.3f}; (identity, exact) = {rho_identity:.3f}; "
+              f"(EK-FAC, exact block-diagonal) = {rho_blockwise:.3f}")
+    # Measured when written: 0.861 / 0.446 / 0.936. The issue's goal of 0.95 against the full
+    # exact inverse is NOT met on this model (see the closing note); this guards what we have.
+    assert rho > rho_identity + 0.3
+    assert rho >= 0.8 and rho_blockwise >= 0.9
+
+
+# ----------------------------------------------------------------------------- the stages
+@pytest.fixture(scope="module")
+def located_repo(trained_repo):
+    res = run_stage(trained_repo, "locate")
+    assert res.returncode == 0, res.stderr
+    return trained_repo
+
+
+def influence_setup(repo, **overrides):
+    from mda.data.stream import Stream
+    from mda.influence.scoring import read_targets, setup
+
+    inf = Influence(**{"factor_samples": 0, **overrides})
+    targets = read_targets(repo / "data/locate/targets.json")
+    targets["window"] = {"start": 0, "end": 12}  # the whole tiny run: 48 samples
+    targets["influence_step"] = 12
+    return inf, setup(inf, repo / "data/checkpoints", targets), Stream(repo / "data/corpus/stream")
+
+
+@pytest.mark.slow
+def test_cached_and_streaming_scores_agree_and_ignore_batching(located_repo, tmp_path):
+    from mda.influence.scoring import (cache_gradients, fit_factors, load_factors, preconditioned_probe,
+                                       scores_from_cache, scores_streaming)
+
+    inf, s, stream = influence_setup(located_repo, batch_size=7, probe_sequences=4, probe_half_len=8)
+    fit_factors(inf, s, stream, tmp_path / "factors")
+    vectors = preconditioned_probe(inf, s, load_factors(tmp_path / "factors", s))
+    manifest = cache_gradients(inf, s, stream, tmp_path / "g1")
+    assert manifest["samples"] == 48 and len(manifest["shards"]) == 1
+    cached = scores_from_cache(s, tmp_path / "g1", vectors)
+    streamed = scores_streaming(inf, s, stream, vectors)
+    assert list(cached.sample_id) == list(range(48))
+    np.testing.assert_allclose(cached.score, streamed.score, rtol=1e-6, atol=1e-6 * cached.score.abs().max())
+    # Other batch size and 6 shards of 2 steps: the same scores (rows are independent).
+    inf2 = inf.model_copy(update={"batch_size": 16, "shard_samples": 8})
+    manifest2 = cache_gradients(inf2, s, stream, tmp_path / "g2")
+    assert len(manifest2["shards"]) == 6
+    resharded = scores_from_cache(s, tmp_path / "g2", vectors, read_rows=5)
+    np.testing.assert_allclose(resharded.score, cached.score, rtol=1e-5, atol=1e-6 * cached.score.abs().max())
+    # A rerun keeps complete shards; a damaged one is recomputed.
+    shard = tmp_path / "g2/shard-00003.parquet"
+    shard.write_bytes(shard.read_bytes()[:200])
+    again = cache_gradients(inf2, s, stream, tmp_path / "g2")
+    assert again["reused_shards"] == 5
+    np.testing.assert_array_equal(scores_from_cache(s, tmp_path / "g2", vectors, read_rows=5).score, resharded.score)
+
+
+@pytest.mark.slow
+def test_nan_weights_stop_with_the_block_and_step(located_repo, tmp_path):
+    from mda.influence.scoring import batch_gradients
+
+    inf, s, stream = influence_setup(located_repo)
+    head = s.heads[0]
+    with torch.no_grad():  # a NaN in the head's own value rows poisons its activations downstream
+        s.model.gpt_neox.layers[head.layer].attention.query_key_value.weight.fill_(float("nan"))
+    ids = torch.from_numpy(next(stream.batches(0, 0))[1])
+    with pytest.raises(MdaError, match=rf"{head.name}/(qk|v|o): non-finite (activations|gradients) at step 12"):
+        batch_gradients(s, ids)
+
+
+def test_non_finite_or_degenerate_covariance_is_named():
+    from mda.influence.ekfac import eigenbasis
+
+    with pytest.raises(MdaError, match="L1H0/qk: activation covariance: non-finite values"):
+        eigenbasis(torch.full((3, 3), float("nan")), "L1H0/qk: activation covariance")
+    with pytest.raises(MdaError, match="L1H0/v: gradient covariance: degenerate"):
+        eigenbasis(torch.zeros(3, 3), "L1H0/v: gradient covariance")
+
+
+@pytest.mark.slow
+def test_influence_stages_end_to_end_and_bad_targets(located_repo):
+    for stage in ("factors", "gradients", "scores"):
+        res = run_stage(located_repo, stage)
+        assert res.returncode == 0, res.stderr
+    scores = pd.read_parquet(located_repo / "data/scores/scores.parquet")
+    targets = json.loads((located_repo / "data/locate/targets.json").read_text())
+    n = (targets["window"]["end"] - targets["window"]["start"]) * 4
+    assert len(scores) == n and list(scores.columns) == ["sample_id", "step", "domain", "head", "probe", "score"]
+    assert scores.score.dtype == np.float64 and np.isfinite(scores.score).all()
+    assert scores.step.between(targets["window"]["start"], targets["window"]["end"] - 1).all()
+    metrics = json.loads((located_repo / "metrics/scores.json").read_text())
+    assert 0 < metrics["heads"][targets["heads"][0]["name"]]["top10pct_positive_share"] <= 1
+    # A targets file naming a head the model lacks: one line, no scores written.
+    bad = {**targets, "heads": [{"name": "L9H0", "layer": 9, "head": 0}]}
+    (located_repo / "data/locate/targets.json").write_text(json.dumps(bad))
+    shutil.rmtree(located_repo / "data/scores")
+    try:
+        res = run_stage(located_repo, "scores")
+    finally:
+        (located_repo / "data/locate/targets.json").write_text(json.dumps(targets))
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == \
+        "error: targets.json: head L9H0 does not exist in the model (2 layers × 2 heads)"
+    assert not (located_repo / "data/scores").exists()
