@@ -226,12 +226,68 @@ class Influence(Section):
     threads: int = Field(2, ge=1)
 
 
+# ----------------------------------------------------------------------------- select / retrain
+ArmName = Literal["baseline", "remove-top", "remove-random", "remove-bottom",
+                  "augment-top", "augment-random", "augment-synthetic"]
+
+
+class Select(Section):
+    """Which samples the interventions remove or add (stage `select`)."""
+
+    fraction: float = Field(0.1, gt=0.0, le=1.0)
+    """k as a share of the window's samples…"""
+    count: int | None = Field(None, ge=1)
+    """…or as a number of samples (overrides `fraction`)."""
+    union: bool = True
+    """With several target heads, also select on their union (mean of per-head scores / std)."""
+    target: str = "auto"
+    """Whose sets the retrain arms use: `auto` (the union with several targets, else the one
+    target head), `union`, or a head name like `L2H2`."""
+
+
+class Retrain(Section):
+    """Counterfactual training runs from the window start (stage `retrain`)."""
+
+    fixed_arms: list[ArmName] = Field(default_factory=lambda: ["baseline", "remove-top", "augment-top"])
+    """Arms whose data does not depend on a seed: trained once, evaluated with every seed's
+    probe (`remove-bottom` is opt-in, for the time budget)."""
+    random_arms: list[ArmName] = Field(default_factory=lambda: ["remove-random", "augment-random"])
+    """Arms trained once per seed (a new random set, or new synthetic rows, per seed;
+    `augment-synthetic` is opt-in)."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    tail_steps: int = Field(0, ge=0)
+    """Steps trained after the window end (no interventions there)."""
+    eval_every: int = Field(100, ge=1)
+    copies: int = Field(1, ge=1)
+    """Augment arms: copies of each selected sample placed in later steps of the window."""
+    fresh_optimizer: bool = False
+    """Allow a window start without trainer state (hub checkpoints): fresh AdamW with warm-up."""
+    threads: int = Field(2, ge=1)
+    """Must equal `pretrain.threads` for the baseline to reproduce pretraining bit-exactly."""
+
+    @model_validator(mode="after")
+    def _arm_kinds(self):
+        seeded = {"remove-random", "augment-random", "augment-synthetic"}
+        for arm in self.fixed_arms:
+            if arm in seeded:
+                raise ValueError(f"fixed_arms: {arm} depends on the seed; list it in random_arms")
+        for arm in self.random_arms:
+            if arm not in seeded:
+                raise ValueError(f"random_arms: {arm} does not depend on the seed; list it in fixed_arms")
+        arms = self.fixed_arms + self.random_arms
+        if len(set(arms)) != len(arms) or len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ValueError("arms and seeds must be non-empty and must not repeat")
+        return self
+
+
 class Params(Section):
     corpus: Corpus = Corpus()
     model: Model = Model()
     pretrain: Pretrain = Pretrain()
     locate: Locate = Locate()
     influence: Influence = Influence()
+    select: Select = Select()
+    retrain: Retrain = Retrain()
 
     @model_validator(mode="after")
     def _fits_model(self):

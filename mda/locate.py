@@ -41,21 +41,25 @@ def probe_tokens(probe: ProbeSettings, model_config, vocab_size: int | None) -> 
 
 @torch.no_grad()
 def checkpoint_metrics(model, probe: torch.Tensor, heldout: torch.Tensor,
-                       max_sequences: int) -> tuple[pd.DataFrame, dict]:
-    """Per-head metrics (one row per head) and model-level metrics of one checkpoint."""
+                       max_sequences: int, full: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Per-head metrics (one row per head) and model-level metrics of one checkpoint.
+    `full=False` (retraining's frequent evaluations) skips copying and the ablations."""
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     patterns = attention_patterns(model, probe)  # every head in one forward
     columns = {name: metric(patterns, probe) for name, metric in ATTENTION_METRICS.items()}
-    columns["copying"] = copying_score(model)
-    clean, ablated = head_ablation_logprobs(model, probe, max_sequences)
-    columns["induction_logprob_ablated"] = ablated
-    columns["induction_logprob_drop"] = clean - ablated
+    if full:
+        columns["copying"] = copying_score(model)
+        clean, ablated = head_ablation_logprobs(model, probe, max_sequences)
+        columns["induction_logprob_ablated"] = ablated
+        columns["induction_logprob_drop"] = clean - ablated
     frame = pd.DataFrame({"layer": np.repeat(np.arange(layers), heads),
                           "head": np.tile(np.arange(heads), layers),
                           **{k: v.reshape(-1).double().numpy() for k, v in columns.items()}})
     losses = torch.cat([token_losses(model, rows) for rows in heldout.split(max_sequences)])
-    return frame, {"heldout_loss": losses.mean().item(), "icl_score": icl_score(losses),
-                   "induction_logprob": clean}
+    model_row = {"heldout_loss": losses.mean().item(), "icl_score": icl_score(losses)}
+    if full:
+        model_row["induction_logprob"] = clean
+    return frame, model_row
 
 
 def check_request(loc: Locate, checkpoints: str | os.PathLike) -> None:

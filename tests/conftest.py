@@ -17,6 +17,7 @@ TINY = {
     "pretrain": {"warmup_steps": 2, "save_every": 4, "log_every": 2, "threads": 1,
                  "probe": {"sequences": 4, "half_len": 8}},
     "locate": {"probe": {"sequences": 4, "half_len": 8}, "heldout_rows": 16},
+    "retrain": {"threads": 1, "eval_every": 2},  # threads = pretrain.threads: bit-exact baseline
 }
 
 
@@ -75,11 +76,11 @@ def set_params(repo: Path, override: dict) -> dict:
     return before
 
 
-def run_stage(repo: Path, stage: str, env: dict | None = None):
+def run_stage(repo: Path, stage: str, env: dict | None = None, args: list[str] | None = None):
     import os
 
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", **(env or {})}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, capture_output=True,
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *(args or [])], cwd=repo, capture_output=True,
                           text=True, env=full_env)
 
 

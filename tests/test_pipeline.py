@@ -28,7 +28,13 @@ def test_dvc_repro_tiny(pipeline_repo):
     runs = MlflowClient(env_uri).search_runs(
         [MlflowClient(env_uri).get_experiment_by_name("mda").experiment_id])
     stages = {r.data.tags["stage"]: r.data.tags["pipeline_id"] for r in runs}
-    assert set(stages) == {"corpus", "checkpoints", "locate", "factors", "gradients", "scores"}
+    assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 5 * 3  # every arm × seed
+    assert set(stages) == {"corpus", "checkpoints", "locate", "factors", "gradients", "scores",
+                           "select", "retrain"}
+    arms = sorted(p.name for p in (pipeline_repo / "data/retrain").iterdir())
+    assert arms == ["augment-random-0", "augment-random-1", "augment-random-2", "augment-top", "baseline",
+                    "remove-random-0", "remove-random-1", "remove-random-2", "remove-top"]
+    assert json.loads((pipeline_repo / "data/retrain/baseline/meta.json").read_text())["reproduces_original"]
     targets = json.loads((pipeline_repo / "data/locate/targets.json").read_text())
     assert targets["influence_step"] in [0, 1, 2, 4, 8, 12]
     assert len(set(stages.values())) == 1, "stages of one dvc repro share a pipeline id"

@@ -1,0 +1,187 @@
+"""Subset selection and the stream edits of the retraining arms.
+
+Rules (logged with every run):
+- **remove**: a selected sample's loss weight is 0 wherever it occurs in the window; the
+  batch keeps its shape and the loss is still divided by the batch's full token count, so
+  every other sample's gradient is exactly what it was.
+- **augment**: each selected sample is copied `copies` times into later steps of the window
+  (a uniformly drawn step after its own, seeded), each copy replacing one non-selected,
+  not-yet-replaced row there — tokens per step stay constant; nothing else changes. A sample
+  in the window's last step has no later step; its copies are dropped (counted).
+- **augment-synthetic**: the copies are new rows from `motif_rows`, which carry the repeated-
+  span structure measured on the top set (span lengths, distances, coverage, token marginal)
+  without copying any of its rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from mda.errors import MdaError
+
+ARMS = ("baseline", "remove-top", "remove-random", "remove-bottom",
+        "augment-top", "augment-random", "augment-synthetic")
+SEEDED_ARMS = {"remove-random", "augment-random", "augment-synthetic"}  # the seed changes the data
+
+
+# ----------------------------------------------------------------------------- selection
+def set_size(window_samples: int, fraction: float, count: int | None) -> int:
+    k = count if count is not None else int(round(fraction * window_samples))
+    if not 1 <= k <= window_samples:
+        raise MdaError(f"select: k = {k} samples, but the window holds {window_samples}"
+                       + (" (select.count)" if count is not None else " (select.fraction)"))
+    return k
+
+
+def union_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """One score per sample over several target heads: the mean of each head's scores divided
+    by that head's standard deviation (heads with larger raw scales do not dominate)."""
+    z = scores.assign(score=scores.score / scores.groupby("head").score.transform("std"))
+    return z.groupby(["sample_id", "step", "domain"], as_index=False).score.mean().assign(head="union")
+
+
+def select_sets(scores: pd.DataFrame, k: int, seeds: list[int], union: bool) -> pd.DataFrame:
+    """Rows (set, target, sample_id, rank, score): per target, `<target>:top` and
+    `<target>:bottom` (k by score), and `<target>:random-<seed>` per seed (k drawn uniformly,
+    ranked by score for display)."""
+    groups = {h: g for h, g in scores.groupby("head")}
+    if union and len(groups) > 1:
+        groups["union"] = union_scores(scores)
+    parts = []
+    for target, g in groups.items():
+        g = g.sort_values(["score", "sample_id"], ascending=[False, True], ignore_index=True)
+        picks = {"top": g.head(k), "bottom": g.tail(k).iloc[::-1]}
+        for seed in seeds:
+            rng = np.random.default_rng([seed, 7])
+            picks[f"random-{seed}"] = g.iloc[np.sort(rng.choice(len(g), size=k, replace=False))]
+        for name, rows in picks.items():
+            parts.append(pd.DataFrame({"set": f"{target}:{name}", "target": target,
+                                       "sample_id": rows.sample_id.to_numpy(),
+                                       "rank": np.arange(1, len(rows) + 1, dtype=np.int32),
+                                       "score": rows.score.to_numpy()}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def arm_set(arm: str, seed: int) -> str | None:
+    """Which selected set an arm uses (`None` for baseline)."""
+    if arm == "baseline":
+        return None
+    kind = arm.split("-", 1)[1]
+    return f"random-{seed}" if kind == "random" else ("top" if kind == "synthetic" else kind)
+
+
+# ----------------------------------------------------------------------------- stream edits
+@dataclass
+class StreamEdit:
+    """Per step: row weights (None = untouched) and replacement rows {batch_pos: tokens}."""
+
+    weights: dict[int, np.ndarray] = field(default_factory=dict)
+    replace: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def apply(self, step: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if step in self.replace:
+            ids = ids.copy()
+            for pos, row in self.replace[step].items():
+                ids[pos] = row
+        return ids, self.weights.get(step)
+
+
+def removal(stream_rows: pd.DataFrame, selected: set[int], batch_size: int) -> StreamEdit:
+    """Zero loss weight for selected samples. `stream_rows`: sample_id, step, batch_pos."""
+    edit = StreamEdit()
+    hit = stream_rows[stream_rows.sample_id.isin(selected)]
+    for step, rows in hit.groupby("step"):
+        w = np.ones(batch_size, dtype=np.float32)
+        w[rows.batch_pos.to_numpy()] = 0.0
+        edit.weights[int(step)] = w
+    edit.summary = {"rule": "loss weight 0 for selected samples; batch shape and normaliser unchanged",
+                    "masked_rows": int(len(hit)), "steps_touched": len(edit.weights)}
+    return edit
+
+
+def augmentation(stream_rows: pd.DataFrame, sources: list[tuple[int, np.ndarray]], protected: set[int],
+                 last_step: int, copies: int, seed: int) -> StreamEdit:
+    """Copies of `sources` (origin step, tokens) into random later steps ≤ `last_step`, each
+    replacing a distinct non-protected row. `stream_rows`: sample_id, step, batch_pos."""
+    rng = np.random.default_rng([seed, 11])
+    free = stream_rows[~stream_rows.sample_id.isin(protected)]
+    slots = {int(s): list(g.batch_pos.to_numpy()) for s, g in free.groupby("step")}
+    for s in slots.values():
+        rng.shuffle(s)
+    edit, dropped = StreamEdit(), 0
+    for origin, tokens in sources:
+        for _ in range(copies):
+            later = [s for s in range(origin + 1, last_step + 1) if slots.get(s)] if origin < last_step else []
+            if not later:
+                dropped += 1
+                continue
+            step = later[rng.integers(len(later))]
+            edit.replace.setdefault(step, {})[slots[step].pop()] = tokens
+    placed = sum(len(v) for v in edit.replace.values())
+    edit.summary = {"rule": f"{copies} copy per source into a uniformly drawn later step of the window, "
+                            "replacing a distinct non-selected row (tokens per step constant)",
+                    "copies_placed": placed, "copies_dropped": dropped, "steps_touched": len(edit.replace)}
+    return edit
+
+
+# ----------------------------------------------------------------------------- synthetic motifs
+def repeated_spans(row: np.ndarray, min_len: int = 2) -> list[tuple[int, int]]:
+    """Maximal spans (length, distance) that repeat an earlier stretch of the same row,
+    scanned left to right (at each position the longest match, nearest on ties)."""
+    n = len(row)
+    match = np.zeros((n + 1, n + 1), dtype=np.int32)  # match[i, j]: equal run from i and j
+    for i in range(n - 1, -1, -1):
+        match[i, :n] = (row[i] == row) * (match[i + 1, 1:] + 1)
+    spans, t = [], 1
+    while t < n:
+        lengths = match[t, :t]  # from each earlier start j
+        j = int(np.flatnonzero(lengths == lengths.max())[-1]) if t else 0
+        length = int(min(lengths[j], n - t))
+        if length >= min_len:
+            spans.append((length, t - j))
+            t += length
+        else:
+            t += 1
+    return spans
+
+
+def motif_profile(rows: np.ndarray) -> dict:
+    """What `motif_rows` reproduces: repeated-span (length, distance) pairs, the share of tokens
+    inside repeats, and the token marginal."""
+    spans, covered = [], 0
+    for row in rows:
+        s = repeated_spans(row)
+        spans += s
+        covered += sum(length for length, _ in s)
+    values, counts = np.unique(rows, return_counts=True)
+    return {"spans": np.asarray(spans, dtype=np.int64).reshape(-1, 2),
+            "coverage": covered / rows.size, "tokens": values, "token_p": counts / counts.sum()}
+
+
+def motif_rows(profile: dict, n: int, row_len: int, seed: int) -> np.ndarray:
+    """New rows: tokens drawn from the marginal, then repeated spans (sampled length and
+    distance pairs) pasted in until the measured repeat coverage is reached."""
+    rng = np.random.default_rng([seed, 13])
+    rows = rng.choice(profile["tokens"], size=(n, row_len), p=profile["token_p"]).astype(np.int32)
+    spans = profile["spans"]
+    if len(spans) == 0:
+        return rows
+    target = profile["coverage"] * row_len
+    for row in rows:
+        covered = 0
+        for _ in range(4 * row_len):
+            if covered >= target:
+                break
+            length, dist = spans[rng.integers(len(spans))]
+            start_hi = row_len - length
+            if start_hi < dist:
+                continue
+            t = int(rng.integers(dist, start_hi + 1))
+            row[t:t + length] = row[t - dist:t - dist + length].copy() if dist >= length else \
+                np.array([row[t - dist + i % dist] for i in range(length)], dtype=np.int32)
+            covered += length
+    return rows

@@ -1,0 +1,76 @@
+"""DVC stage `retrain@<arm>[-<seed>]`: `python -m stages.retrain <arm> [<seed>]`.
+
+Fixed arms (data independent of the seed) train once → data/retrain/<arm>/ with one
+trajectory per evaluation seed; random arms train per seed → data/retrain/<arm>-<seed>/.
+"""
+
+import sys
+
+import mlflow
+import pandas as pd
+
+from mda.cli import run_stage
+from mda.errors import MdaError
+from mda.influence.scoring import read_targets
+from mda.interventions import ARMS
+from mda.io import atomic_dir, write_json
+from mda.pretrain import read_corpus_meta
+from mda.retrain import run_arm
+from mda.tracking import stage_run
+
+CORPUS, CHECKPOINTS = "data/corpus", "data/checkpoints"
+TARGETS, SETS = "data/locate/targets.json", "data/select/sets.parquet"
+
+
+def main(params):
+    arm, seed = parse_args(params, sys.argv[1:])
+    r = params.retrain
+    fixed = arm in r.fixed_arms
+    seeds = list(r.seeds) if fixed else [seed]
+    out = f"data/retrain/{arm}" if fixed else f"data/retrain/{arm}-{seed}"
+    targets = read_targets(TARGETS)
+    try:
+        sets = pd.read_parquet(SETS)
+    except FileNotFoundError:
+        raise MdaError(f"{SETS}: missing; run the select stage") from None
+    vocab = read_corpus_meta(CORPUS).get("vocab_size")
+    with atomic_dir(out) as tmp:
+        meta = run_arm(params, arm, seeds, seeds[0], CORPUS, CHECKPOINTS, targets, sets, tmp, vocab)
+        write_json(tmp / "meta.json", meta)
+    trajectory = pd.read_parquet(f"{out}/trajectory.parquet")
+    target = targets["heads"][0]
+    metric = targets["metric"]
+    for s in seeds:  # one MLflow run per arm × seed, grouped by the pipeline id
+        tags = {"arm": arm, "seed": str(s), "trained_once": str(fixed).lower(),
+                "fresh_optimizer": str(meta["fresh_optimizer"]).lower()}
+        with stage_run("retrain", {"retrain": r.model_dump(), "arm": arm, "seed": s},
+                       run_name=f"retrain-{arm}-{s}", tags=tags):
+            rows = trajectory[(trajectory.seed == s) & (trajectory.layer == target["layer"])
+                              & (trajectory["head"] == target["head"])]
+            for row in rows.itertuples():
+                mlflow.log_metrics({"target_score": getattr(row, metric), "icl_score": row.icl_score,
+                                    "heldout_loss": row.heldout_loss}, step=int(row.step))
+            if meta["reproduces_original"] is not None:
+                mlflow.log_metric("reproduces_original", float(meta["reproduces_original"]))
+            mlflow.log_dict(meta, "meta.json")
+
+
+def parse_args(params, args):
+    r = params.retrain
+    known = r.fixed_arms + r.random_arms
+    if not args:
+        raise MdaError("usage: python -m stages.retrain <arm> [<seed>]")
+    arm = args[0]
+    if arm not in ARMS:
+        raise MdaError(f"retrain: unknown arm {arm!r} (known: {', '.join(ARMS)})")
+    if arm not in known:
+        raise MdaError(f"retrain: arm {arm!r} is not in retrain.fixed_arms or retrain.random_arms")
+    if arm in r.fixed_arms:
+        return arm, None
+    if len(args) < 2 or not args[1].lstrip("-").isdigit() or int(args[1]) not in r.seeds:
+        raise MdaError(f"retrain: arm {arm} needs a seed from retrain.seeds {r.seeds}")
+    return arm, int(args[1])
+
+
+if __name__ == "__main__":
+    run_stage(main)

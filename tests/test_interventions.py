@@ -1,0 +1,188 @@
+"""Selection, stream edits and counterfactual retraining."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from mda.errors import MdaError
+from mda.interventions import (augmentation, motif_profile, motif_rows, removal, repeated_spans,
+                               select_sets, set_size)
+from tests.conftest import run_stage, set_params
+
+B = 4
+
+
+def fake_scores(n=40, heads=("L1H0",)):
+    rng = np.random.default_rng(0)
+    return pd.concat([pd.DataFrame({"sample_id": np.arange(n), "step": np.arange(n) // B, "domain": "prose",
+                                    "head": h, "probe": "induction", "score": rng.normal(size=n)})
+                      for h in heads], ignore_index=True)
+
+
+def stream_rows(n=40):
+    return pd.DataFrame({"sample_id": np.arange(n), "step": np.arange(n) // B, "batch_pos": np.arange(n) % B})
+
+
+def test_selection_sizes_order_and_seeds():
+    scores = fake_scores()
+    sets = select_sets(scores, k=4, seeds=[0, 1], union=True)
+    assert sets.groupby("set").size().to_dict() == {f"L1H0:{s}": 4 for s in ("top", "bottom", "random-0", "random-1")}
+    top = sets[sets.set == "L1H0:top"]
+    assert list(top.sample_id) == list(scores.nlargest(4, "score").sample_id) and list(top["rank"]) == [1, 2, 3, 4]
+    assert set(sets[sets.set == "L1H0:bottom"].sample_id) == set(scores.nsmallest(4, "score").sample_id)
+    r0, r1 = (set(sets[sets.set == f"L1H0:random-{s}"].sample_id) for s in (0, 1))
+    assert r0 != r1
+    assert r0 == set(select_sets(scores, 4, [0], False).query("set == 'L1H0:random-0'").sample_id)
+    two = select_sets(fake_scores(heads=("L1H0", "L1H1")), k=4, seeds=[0], union=True)
+    assert "union:top" in set(two.set)
+    assert set_size(40, 0.1, None) == 4 and set_size(40, 0.1, 7) == 7
+    with pytest.raises(MdaError, match=r"select: k = 41 samples, but the window holds 40 \(select.count\)"):
+        set_size(40, 0.1, 41)
+
+
+def test_removal_zeroes_exactly_the_selected_rows():
+    edit = removal(stream_rows(), {1, 6, 7}, B)
+    assert sorted(edit.weights) == [0, 1]
+    assert edit.weights[0].tolist() == [1, 0, 1, 1] and edit.weights[1].tolist() == [1, 1, 0, 0]
+    ids = np.arange(B * 65).reshape(B, 65)
+    same, w = edit.apply(5, ids)
+    assert same is ids and w is None
+
+
+def test_masked_sample_gives_the_gradient_of_a_zero_weight_padding_row():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from mda.train import batch_loss
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32))
+    ids = torch.randint(1, 30, (B, 9))
+    w = torch.from_numpy(removal(stream_rows(), {2}, B).weights[0])
+    padded = ids.clone()
+    padded[2] = 0
+    grads = []
+    for batch in (ids, padded):
+        model.zero_grad()
+        batch_loss(model, batch, w).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_augmentation_keeps_shapes_and_only_replaces_later_unselected_rows():
+    rows = stream_rows()
+    selected = {1, 5, 9, 38}
+    tokens = {i: np.full(65, 1000 + i) for i in selected}
+    sources = [(i // B, tokens[i]) for i in sorted(selected)]
+    edit = augmentation(rows, sources, selected, last_step=9, copies=2, seed=0)
+    assert edit.summary["copies_placed"] == 6 and edit.summary["copies_dropped"] == 2  # 38 is in the last step
+    placed = 0
+    for step in range(10):
+        ids = np.arange(B * 65).reshape(B, 65) + step * 10_000
+        new, weights = edit.apply(step, ids)
+        assert new.shape == ids.shape and weights is None
+        for pos in range(B):
+            if not np.array_equal(new[pos], ids[pos]):
+                placed += 1
+                source = int(new[pos][0]) - 1000
+                assert source in selected and step > source // B           # a later step
+                assert step * B + pos not in selected                        # never over a selected row
+    assert placed == 6
+    assert augmentation(rows, sources, selected, 9, 2, seed=0).replace.keys() == edit.replace.keys()
+
+
+def test_synthetic_motifs_carry_repeats_without_copying():
+    rng = np.random.default_rng(0)
+    top = rng.integers(10, 200, (50, 65))
+    top[:, 40:50] = top[:, 5:15]  # a 10-token span repeated at distance 35
+    profile = motif_profile(top)
+    assert (10, 35) in {tuple(s) for s in profile["spans"]}
+    new = motif_rows(profile, 50, 65, seed=1)
+    assert new.shape == (50, 65)
+    assert not any((new == row).all(1).any() for row in top)
+    coverage = sum(length for r in new for length, _ in repeated_spans(r)) / new.size
+    assert coverage >= 0.5 * profile["coverage"]
+
+
+# ----------------------------------------------------------------------------- retraining
+@pytest.fixture(scope="module")
+def selected_repo(trained_repo):
+    """A tiny repo through `select`, with a window from step 4 to 8."""
+    for stage in ("locate",):
+        assert run_stage(trained_repo, stage).returncode == 0
+    targets_path = trained_repo / "data/locate/targets.json"
+    targets = json.loads(targets_path.read_text())
+    targets["window"].update(start=4, end=8)
+    targets["influence_step"] = 8
+    targets_path.write_text(json.dumps(targets))
+    set_params(trained_repo, {"retrain": {"eval_every": 2, "threads": 1}})  # = the tiny pretrain.threads
+    for stage in ("factors", "gradients", "scores", "select"):
+        res = run_stage(trained_repo, stage)
+        assert res.returncode == 0, res.stderr
+    return trained_repo
+
+
+@pytest.mark.slow
+def test_baseline_reproduces_pretraining_bit_exactly(selected_repo):
+    from mda.model import load_model
+
+    res = run_stage(selected_repo, "retrain", args=["baseline"])
+    assert res.returncode == 0, res.stderr
+    out = selected_repo / "data/retrain/baseline"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["reproduces_original"] is True
+    ours = load_model(out / "model").state_dict()
+    original = load_model(selected_repo / "data/checkpoints/step8").state_dict()
+    assert all(torch.equal(t, original[k]) for k, t in ours.items())
+    trajectory = pd.read_parquet(out / "trajectory.parquet")
+    assert sorted(trajectory.seed.unique()) == [0, 1, 2] and sorted(trajectory.step.unique()) == [4, 6, 8]
+    # The step-4 evaluation with seed 0 uses locate's probe: it equals locate's row at step 4.
+    heads = pd.read_parquet(selected_repo / "data/locate/heads.parquet")
+    ours4 = trajectory[(trajectory.step == 4) & (trajectory.seed == 0)].sort_values(["layer", "head"])
+    theirs4 = heads[heads.step == 4].sort_values(["layer", "head"])
+    np.testing.assert_allclose(ours4.prefix_matching, theirs4.prefix_matching, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_random_arm_end_to_end_and_mlflow_tags(selected_repo):
+    from mlflow.tracking import MlflowClient
+
+    res = run_stage(selected_repo, "retrain", args=["remove-random", "1"])
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((selected_repo / "data/retrain/remove-random-1/meta.json").read_text())
+    assert meta["edit"]["set"].endswith(":random-1") and meta["edit"]["masked_rows"] == meta["edit"]["set_size"]
+    client = MlflowClient(f"sqlite:///{selected_repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mda").experiment_id],
+                              "tags.stage = 'retrain' and tags.arm = 'remove-random'")
+    assert [r.data.tags["seed"] for r in runs] == ["1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["shuffle-top"], "error: retrain: unknown arm 'shuffle-top' (known: baseline, remove-top, remove-random, "
+                      "remove-bottom, augment-top, augment-random, augment-synthetic)"),
+    (["remove-random", "9"], "error: retrain: arm remove-random needs a seed from retrain.seeds [0, 1, 2]"),
+])
+def test_retrain_bad_arguments(selected_repo, args, message):
+    res = run_stage(selected_repo, "retrain", args=args)
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [message]
+
+
+@pytest.mark.slow
+def test_window_start_without_trainer_state_names_the_fallback(selected_repo):
+    state = selected_repo / "data/checkpoints/step4/trainer_state.pt"
+    saved = state.read_bytes()
+    state.unlink()
+    try:
+        res = run_stage(selected_repo, "retrain", args=["remove-top"])
+    finally:
+        state.write_bytes(saved)
+    assert res.returncode == 1
+    assert "step4/trainer_state.pt: missing" in res.stderr and "retrain.fresh_optimizer: true" in res.stderr
+    assert not (selected_repo / "data/retrain/remove-top").exists()
