@@ -211,6 +211,11 @@ def test_cached_and_streaming_scores_agree_and_ignore_batching(located_repo, tmp
     assert len(manifest2["shards"]) == 6
     resharded = scores_from_cache(s, tmp_path / "g2", vectors, read_rows=5)
     np.testing.assert_allclose(resharded.score, cached.score, rtol=1e-5, atol=1e-6 * cached.score.abs().max())
+    # A float16 cache scores within half-precision rounding of the float32 one.
+    inf16 = inf.model_copy(update={"dtype": "float16"})
+    cache_gradients(inf16, s, stream, tmp_path / "g16")
+    half = scores_from_cache(s, tmp_path / "g16", vectors)
+    np.testing.assert_allclose(half.score, cached.score, rtol=0, atol=2e-3 * cached.score.abs().max())
     # A rerun keeps complete shards; a damaged one is recomputed.
     shard = tmp_path / "g2/shard-00003.parquet"
     shard.write_bytes(shard.read_bytes()[:200])
