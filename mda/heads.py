@@ -76,8 +76,7 @@ def block_weight(model, head: Head, block: str) -> torch.Tensor:
     return weight[:, idx] if block == "o" else weight[idx]
 
 
-def check_head(config, head: Head, what: str = "head") -> None:
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
+def check_head(layers: int, heads: int, head: Head, what: str = "head") -> None:
     if not (0 <= head.layer < layers and 0 <= head.head < heads):
         raise ValueError(f"{what} {head.name} does not exist in the model ({layers} layers × {heads} heads)")
 
@@ -121,7 +120,7 @@ class Block:
 
 def head_blocks(config, head: Head, mode: str = "qkvo") -> list[Block]:
     """The head's parameter blocks: `qk` only, or `qk`, `v`, `o` (mode `qkvo`)."""
-    check_head(config, head)
+    check_head(config.num_hidden_layers, config.num_attention_heads, head)
     names = ("qk",) if mode == "qk" else BLOCKS
     out = []
     for name in names:

@@ -48,6 +48,19 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def read_json(path: str | os.PathLike, missing_hint: str) -> dict:
+    """A JSON file, or one `MdaError` line naming it (missing: `missing_hint`; or corrupt)."""
+    from mda.errors import MdaError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MdaError(f"{path}: missing; {missing_hint}") from None
+    except json.JSONDecodeError as err:
+        raise MdaError(f"{path}: corrupt JSON ({err})") from None
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -40,10 +40,11 @@ def probe_tokens(probe: ProbeSettings, model_config, vocab_size: int | None) -> 
 
 
 @torch.no_grad()
-def checkpoint_metrics(model, probe: torch.Tensor, heldout: torch.Tensor,
+def checkpoint_metrics(model, probe: torch.Tensor, heldout: torch.Tensor | None,
                        max_sequences: int, full: bool = True) -> tuple[pd.DataFrame, dict]:
     """Per-head metrics (one row per head) and model-level metrics of one checkpoint.
-    `full=False` (retraining's frequent evaluations) skips copying and the ablations."""
+    `full=False` (retraining's frequent evaluations) skips copying and the ablations;
+    `heldout=None` skips the held-out loss and ICL score (they do not depend on the probe)."""
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     patterns = attention_patterns(model, probe)  # every head in one forward
     columns = {name: metric(patterns, probe) for name, metric in ATTENTION_METRICS.items()}
@@ -55,8 +56,10 @@ def checkpoint_metrics(model, probe: torch.Tensor, heldout: torch.Tensor,
     frame = pd.DataFrame({"layer": np.repeat(np.arange(layers), heads),
                           "head": np.tile(np.arange(heads), layers),
                           **{k: v.reshape(-1).double().numpy() for k, v in columns.items()}})
-    losses = torch.cat([token_losses(model, rows) for rows in heldout.split(max_sequences)])
-    model_row = {"heldout_loss": losses.mean().item(), "icl_score": icl_score(losses)}
+    model_row = {}
+    if heldout is not None:
+        losses = torch.cat([token_losses(model, rows) for rows in heldout.split(max_sequences)])
+        model_row = {"heldout_loss": losses.mean().item(), "icl_score": icl_score(losses)}
     if full:
         model_row["induction_logprob"] = clean
     return frame, model_row
@@ -72,7 +75,7 @@ def check_request(loc: Locate, checkpoints: str | os.PathLike) -> None:
     if loc.heads != "auto":
         for layer, head in loc.heads:
             try:
-                check_head(_Shape(facts), Head(layer, head), "locate.heads:")
+                check_head(facts["layers"], facts["heads_per_layer"], Head(layer, head), "locate.heads:")
             except ValueError as err:
                 raise MdaError(str(err)) from None
     explicit = [("locate.window", s) for s in (loc.window if loc.window != "auto" else ())]
@@ -158,7 +161,7 @@ def choose_targets(heads: pd.DataFrame, loc: Locate, facts: dict) -> dict:
         chosen = [Head(l, h) for l, h in loc.heads]
         for head in chosen:
             try:
-                check_head(_Shape(facts), head, "locate.heads:")
+                check_head(facts["layers"], facts["heads_per_layer"], head, "locate.heads:")
             except ValueError as err:
                 raise MdaError(str(err)) from None
         head_rule = "explicit (params locate.heads)"
@@ -197,13 +200,6 @@ def choose_targets(heads: pd.DataFrame, loc: Locate, facts: dict) -> dict:
         "formed_rule": "final mean target score ≥ 2 × the uniform-attention baseline",
         **facts,
     }
-
-
-class _Shape:
-    """The two config fields `check_head` reads, from the facts dict."""
-
-    def __init__(self, facts):
-        self.num_hidden_layers, self.num_attention_heads = facts["layers"], facts["heads_per_layer"]
 
 
 def _short(steps: list[int]) -> str:

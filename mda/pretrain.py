@@ -3,7 +3,6 @@ checkpoints on Pythia's revision schedule (or fetch real Pythia revisions from t
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from mda.config import Params
 from mda.data.stream import Stream
 from mda.errors import MdaError
+from mda.io import read_json
 from mda.model import TRAINER_STATE, neox_config, new_model, save_model, step_dir
 from mda.train import Trainer, pythia_save_steps, train_steps
 from mda.units import attention_patterns, prefix_matching_score, repeated_random_tokens
@@ -40,13 +40,7 @@ def induction_scores(model, probe_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def read_corpus_meta(corpus_dir: str | os.PathLike) -> dict:
-    path = Path(corpus_dir) / "meta.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MdaError(f"{path}: missing; run the corpus stage first") from None
-    except json.JSONDecodeError as err:
-        raise MdaError(f"{path}: corrupt JSON ({err})") from None
+    return read_json(Path(corpus_dir) / "meta.json", "run the corpus stage first")
 
 
 def pretrain(params: Params, corpus_dir: str | os.PathLike, out: str | os.PathLike,

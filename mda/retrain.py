@@ -110,8 +110,11 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
 
     def evaluate(step: int) -> None:
         model.eval()
+        model_row = None  # held-out loss and ICL do not depend on the probe seed: once per step
         for seed, probe in probes.items():
-            heads, model_row = checkpoint_metrics(model, probe, heldout, params.locate.max_sequences, full=False)
+            heads, row = checkpoint_metrics(model, probe, heldout if model_row is None else None,
+                                            params.locate.max_sequences, full=False)
+            model_row = model_row or row
             rows.append(heads.assign(step=step, seed=seed, **model_row))
 
     for step, ids, _ in tqdm(stream.batches(start, last), total=last - start + 1, desc=f"retrain {arm}", unit="step"):

@@ -12,7 +12,6 @@ window start and the one at its end. Gradients are taken at the influence checkp
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from mda.heads import Block, Head, check_head, head_blocks
 from mda.influence.ekfac import BlockFactors, fit_ekfac
 from mda.influence.grads import Projector, capture_batch, per_sample_gradients
 from mda.influence.probes import probe_gradient
-from mda.io import atomic_file, write_json
+from mda.io import atomic_file, read_json, write_json
 from mda.model import load_model, step_dir
 
 UNIT_PROBE = {"induction": "induction", "previous_token": "prev_token"}
@@ -58,13 +57,7 @@ class Setup:
 
 
 def read_targets(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MdaError(f"{path}: missing; run the locate stage first") from None
-    except json.JSONDecodeError as err:
-        raise MdaError(f"{path}: corrupt JSON ({err})") from None
+    return read_json(path, "run the locate stage first")
 
 
 def setup(inf: Influence, checkpoints: str | os.PathLike, targets: dict,
@@ -75,7 +68,8 @@ def setup(inf: Influence, checkpoints: str | os.PathLike, targets: dict,
     for h in targets["heads"]:
         head = Head(int(h["layer"]), int(h["head"]))
         try:
-            check_head(model.config, head, "targets.json: head")
+            check_head(model.config.num_hidden_layers, model.config.num_attention_heads, head,
+                       "targets.json: head")
         except ValueError as err:
             raise MdaError(str(err)) from None
         heads.append(head)
@@ -238,9 +232,7 @@ def _complete(path: Path, rows: int, step: int, first: int, last: int) -> bool:
 
 def read_manifest(directory: str | os.PathLike, s: Setup) -> dict:
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise MdaError(f"{path}: missing; run the gradients stage")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, "run the gradients stage")
     if manifest["step"] != s.step or manifest["window"] != list(s.window):
         raise MdaError(f"{path}: gradients are for step {manifest['step']}, window {manifest['window']}; "
                        f"targets ask for step {s.step}, window {list(s.window)}; rerun gradients")
