@@ -280,6 +280,24 @@ class Retrain(Section):
         return self
 
 
+class Evaluate(Section):
+    """Statistics over the counterfactual runs (stage `evaluate`)."""
+
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """Emergence = the first step (interpolated between evaluations) at which the target score
+    reaches this fraction of the baseline's score at the window end, per probe seed."""
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    """Level of the t-intervals over seeds and of the bootstrap intervals."""
+    same_kind_score: float = Field(0.2, gt=0.0, le=1.0)
+    """Transfer: a non-target head counts as the unit's kind (e.g. another induction head) when
+    its score at the window end in the baseline run reaches this."""
+    bootstrap: int = Field(2000, ge=100)
+    """Bootstrap resamples for the domain-enrichment intervals."""
+    seed: int = Field(0, ge=0)
+    top_samples: int = Field(10, ge=0)
+    """Top-influence samples decoded to text for the report."""
+
+
 class Params(Section):
     corpus: Corpus = Corpus()
     model: Model = Model()
@@ -288,6 +306,7 @@ class Params(Section):
     influence: Influence = Influence()
     select: Select = Select()
     retrain: Retrain = Retrain()
+    evaluate: Evaluate = Evaluate()
 
     @model_validator(mode="after")
     def _fits_model(self):

@@ -21,7 +21,7 @@ from mda.errors import MdaError
 from mda.heads import Head, check_head
 from mda.model import load_model, saved_steps, step_dir
 from mda.train import token_losses
-from mda.units import (ATTENTION_METRICS, COPYING_VERSION, attention_patterns, copying_score,
+from mda.units import (ATTENTION_METRICS, COPYING_VERSION, attention_patterns, copying_score, first_crossing,
                        head_ablation_logprobs, icl_positions, icl_score, repeated_random_tokens,
                        uniform_baseline)
 
@@ -133,15 +133,9 @@ def formation_window(steps: list[int], scores: np.ndarray, low: float, high: flo
     lo_level, hi_level = scores[0] + low * rise, scores[0] + high * rise
     i_lo = int(np.argmax(scores >= lo_level))
     i_hi = i_lo + int(np.argmax(scores[i_lo:] >= hi_level))
-
-    def crossing(i, level):  # linear interpolation between the bracketing checkpoints
-        if i == 0:
-            return float(steps[0])
-        s0, s1 = scores[i - 1], scores[i]
-        return float(steps[i - 1] + (level - s0) / (s1 - s0) * (steps[i] - steps[i - 1]))
-
     return {"start": steps[max(i_lo - 1, 0)], "end": steps[max(i_hi, i_lo)], "rise": rise,
-            "low_step": crossing(i_lo, lo_level), "high_step": crossing(i_hi, hi_level)}
+            "low_step": first_crossing(steps, scores, lo_level),
+            "high_step": first_crossing(steps, scores, hi_level)}
 
 
 def choose_targets(heads: pd.DataFrame, loc: Locate, facts: dict) -> dict:

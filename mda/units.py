@@ -229,3 +229,20 @@ def icl_score(token_losses: torch.Tensor) -> float:
     uses its context). `token_losses` (rows, predicted positions)."""
     late, early = icl_positions(token_losses.shape[1])
     return (token_losses[:, late].mean() - token_losses[:, :early].mean()).item()
+
+
+# ----------------------------------------------------------------------------- trajectories
+def first_crossing(steps, values, level: float) -> float:
+    """The first step at which a trajectory reaches `level`, linearly interpolated between the
+    two evaluations that bracket it; the first step if it starts there; NaN if it never does."""
+    import numpy as np
+
+    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    above = np.flatnonzero(values >= level)
+    if not len(above):
+        return float("nan")
+    i = int(above[0])
+    if i == 0:
+        return float(steps[0])
+    v0, v1 = values[i - 1], values[i]
+    return float(steps[i - 1] + (level - v0) / (v1 - v0) * (steps[i] - steps[i - 1]))

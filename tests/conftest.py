@@ -52,7 +52,8 @@ def trained_repo(tmp_path_factory):
     return repo
 
 
-def make_pipeline_repo(repo: Path) -> Path:
+def make_pipeline_repo(repo: Path, params: dict | None = None) -> Path:
+    """A git+DVC repo with the code, dvc.yaml, the plot template and `params` (default: tiny)."""
     repo.mkdir(parents=True)
     for name in ("mda", "stages", "dvc.yaml", "pyproject.toml", ".dvcignore", ".gitignore"):
         src = REPO / name
@@ -60,12 +61,14 @@ def make_pipeline_repo(repo: Path) -> Path:
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             shutil.copy(src, repo / name)
-    params = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    if params is None:
+        params = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     run = lambda *cmd: subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
     run("git", "init", "-q")
     run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
     run(sys.executable, "-m", "dvc", "init", "-q")
+    shutil.copytree(REPO / ".dvc" / "plots", repo / ".dvc" / "plots")
     return repo
 
 

@@ -59,3 +59,11 @@ def test_schema_defaults_match_params_yaml():
     from mda.config import Params
 
     assert Params() == load_params(REPO / "params.yaml")
+
+
+def test_quick_preset_is_a_complete_params_file():
+    """dvc.yaml's matrices read `retrain.*` from params.yaml itself, so a preset must spell out
+    every section, not lean on the schema's defaults."""
+    preset = yaml.safe_load((REPO / "presets/quick.yaml").read_text())
+    assert set(preset) == set(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert load_params(REPO / "presets/quick.yaml").corpus.steps == 200

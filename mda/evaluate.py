@@ -1,0 +1,342 @@
+"""Stage `evaluate`: did the selected data cause the unit?
+
+Reads the counterfactual runs (`data/retrain/<arm>[-<seed>]/trajectory.parquet`) and turns
+them into effects against the baseline run:
+
+- per arm × seed: emergence step, mean score over the window, score / ICL score / held-out
+  loss at the window end, and their differences from the baseline with the same probe seed;
+- per arm: mean and t-interval over seeds; targeted vs random: the targeted arm's effect
+  ranked among the random sets' (a Monte-Carlo permutation test over which samples are
+  edited: the random sets are draws from the null);
+- ICL coupling, transfer to the other heads, and the domains the top-k set is made of.
+
+Every score comes from the trajectories `retrain` wrote with `mda.units`; nothing here
+re-scores a model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mda.config import Evaluate, Params
+from mda.errors import MdaError
+from mda.heads import Head
+from mda.interventions import ARMS
+from mda.units import first_crossing
+
+# targeted arm → (its random control, the sign of the hypothesised effect on emergence delay)
+CONTROLS = {"remove-top": ("remove-random", +1), "augment-top": ("augment-random", -1)}
+EFFECTS = ("delay", "delta_score", "delta_auc", "icl_gain", "delta_heldout_loss")
+EFFECT_LABELS = {
+    "delay": "emergence delay (steps)",
+    "delta_score": "Δ target score at window end",
+    "delta_auc": "Δ mean target score over the window",
+    "icl_gain": "ICL gain (nats; + = more in-context learning)",
+    "delta_heldout_loss": "Δ held-out loss (nats)",
+}
+
+
+# ----------------------------------------------------------------------------- reading the runs
+def expected_runs(params: Params) -> list[tuple[str, int, str]]:
+    """(arm, seed, directory name) of every run the retrain matrix defines."""
+    r = params.retrain
+    return [(arm, s, arm) for arm in r.fixed_arms for s in r.seeds] + \
+           [(arm, s, f"{arm}-{s}") for arm in r.random_arms for s in r.seeds]
+
+
+def read_runs(params: Params, retrain_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """All present trajectories with `arm` and `seed` columns, and the runs that are missing
+    (named `<arm> seed <s>`). A missing run is reported, never filled in; an unreadable one is
+    an error naming its file."""
+    parts, missing, cache = [], [], {}
+    for arm, seed, name in expected_runs(params):
+        path = Path(retrain_dir) / name / "trajectory.parquet"
+        if path not in cache:
+            if not path.is_file():
+                cache[path] = None
+            else:
+                try:
+                    cache[path] = pd.read_parquet(path)
+                except Exception as err:  # pyarrow raises several types for a damaged file
+                    raise MdaError(f"{path}: unreadable trajectory ({type(err).__name__})") from None
+        table = cache[path]
+        rows = None if table is None else table[table.seed == seed]
+        if rows is None or rows.empty:
+            missing.append(f"{arm} seed {seed}")
+            continue
+        parts.append(rows.assign(arm=arm))
+    if not parts:
+        raise MdaError(f"{retrain_dir}: no retrain runs found; run the retrain stages")
+    runs = pd.concat(parts, ignore_index=True)
+    order = runs.arm.map({arm: i for i, arm in enumerate(ARMS)})  # tables and figures in ARMS order
+    runs = runs.assign(_order=order).sort_values(["_order", "seed", "step"], kind="stable") \
+        .drop(columns="_order").reset_index(drop=True)
+    if "baseline" not in set(runs.arm):
+        raise MdaError(f"{Path(retrain_dir) / 'baseline'}: missing; every effect is measured "
+                       "against the baseline run")
+    return runs, missing
+
+
+def target_trajectories(runs: pd.DataFrame, targets: dict) -> pd.DataFrame:
+    """arm, seed, step, target score (mean over target heads), ICL score, held-out loss."""
+    names = {(h["layer"], h["head"]) for h in targets["heads"]}
+    mask = [(l, h) in names for l, h in zip(runs.layer, runs["head"])]
+    return runs[mask].groupby(["arm", "seed", "step"], as_index=False, sort=False) \
+        .agg(target_score=(targets["metric"], "mean"), icl_score=("icl_score", "first"),
+             heldout_loss=("heldout_loss", "first"))
+
+
+# ----------------------------------------------------------------------------- per arm × seed
+def run_effects(curves: pd.DataFrame, window: tuple[int, int], ev: Evaluate,
+                trained_once: set[str]) -> pd.DataFrame:
+    """One row per arm × seed: emergence, window-end values, mean score over the window, and
+    differences from the baseline with the same probe seed (NaN where that baseline is absent)."""
+    start, end = window
+    at_end = lambda g, col: float(np.interp(end, g.step, g[col]))
+    base_end = {s: at_end(g, "target_score") for s, g in curves[curves.arm == "baseline"].groupby("seed")}
+    rows = []
+    for (arm, seed), g in curves.groupby(["arm", "seed"], sort=False):
+        steps = g.step.to_numpy(dtype=float)
+        inside = (steps >= start) & (steps <= end)
+        level = ev.threshold * base_end.get(seed, float("nan"))
+        rows.append({"arm": arm, "seed": int(seed), "trained_once": arm in trained_once,
+                     "threshold_level": level,
+                     "emergence_step": first_crossing(steps, g.target_score, level),
+                     "score_end": at_end(g, "target_score"),
+                     "auc": float(np.trapezoid(g.target_score[inside], steps[inside]) / (end - start)),
+                     "icl_end": at_end(g, "icl_score"), "heldout_loss_end": at_end(g, "heldout_loss"),
+                     "last_step": int(steps.max())})
+    table = pd.DataFrame(rows)
+    base = table[table.arm == "baseline"].set_index("seed")
+    b = lambda col: table.seed.map(base[col])
+    table["delay"] = table.emergence_step - b("emergence_step")
+    table["delta_score"] = table.score_end - b("score_end")
+    table["delta_auc"] = table.auc - b("auc")
+    table["icl_gain"] = b("icl_end") - table.icl_end  # the ICL score falls as ICL improves
+    table["delta_heldout_loss"] = table.heldout_loss_end - b("heldout_loss_end")
+    return table
+
+
+# ----------------------------------------------------------------------------- per arm
+def t_interval(values, confidence: float) -> tuple[float, float, float]:
+    """Mean and two-sided t-interval of the mean (NaN bounds for fewer than two values)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return mean, mean - half, mean + half
+
+
+def arm_summary(effects: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Per non-baseline arm and effect: mean, interval, number of seeds (and of runs that never
+    reached the emergence threshold)."""
+    rows = []
+    for arm, g in effects[effects.arm != "baseline"].groupby("arm", sort=False):
+        for effect in EFFECTS:
+            mean, low, high = t_interval(g[effect], confidence)
+            rows.append({"arm": arm, "effect": effect, "mean": mean, "ci_low": low, "ci_high": high,
+                         "seeds": int(g[effect].notna().sum()),
+                         "not_emerged": int(g.emergence_step.isna().sum())})
+    return pd.DataFrame(rows, columns=["arm", "effect", "mean", "ci_low", "ci_high", "seeds", "not_emerged"])
+
+
+def targeted_vs_random(effects: pd.DataFrame) -> pd.DataFrame:
+    """For each targeted arm with a random control: its effect (mean over probe seeds — one
+    trained model) against each random set's (mean over that set's runs), and the one-sided
+    p-value in the hypothesised direction, (1 + #random sets at least as extreme) / (1 + #sets).
+    With n random sets the smallest possible p is 1 / (n + 1)."""
+    rows = []
+    for arm, (control, sign) in CONTROLS.items():
+        top, rand = effects[effects.arm == arm], effects[effects.arm == control]
+        if top.empty or rand.empty:
+            continue
+        for effect in ("delay", "delta_auc", "delta_score"):
+            # delay: remove-top should delay (+), augment-top advance (−); scores the opposite way
+            direction = sign if effect == "delay" else -sign
+            targeted = float(top[effect].mean())
+            null = rand.groupby("seed")[effect].mean().dropna().to_numpy()
+            if not np.isfinite(targeted) or not len(null):
+                p = float("nan")
+            else:
+                p = float((1 + np.sum(direction * null >= direction * targeted)) / (1 + len(null)))
+            sd = float(null.std(ddof=1)) if len(null) > 1 else float("nan")
+            rows.append({"arm": arm, "control": control, "effect": effect, "direction": direction,
+                         "targeted": targeted, "random_mean": float(null.mean()) if len(null) else float("nan"),
+                         "random_sd": sd, "z": (targeted - null.mean()) / sd if sd > 0 else float("nan"),
+                         "random_sets": int(len(null)), "p_value": p,
+                         "min_p": 1 / (1 + len(null)) if len(null) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def icl_coupling(effects: pd.DataFrame) -> dict:
+    """Does in-context learning move with the head? Pearson r between Δ target score and ICL
+    gain at the window end over trained models (an arm trained once counts once, its probe
+    seeds averaged), with a one-sided p for r > 0; and per arm the share of seeds where both
+    move the same way."""
+    from scipy import stats
+
+    e = effects[(effects.arm != "baseline")].dropna(subset=["delta_score", "icl_gain"])
+    model = np.where(e.trained_once, -1, e.seed)
+    points = e.assign(model=model).groupby(["arm", "model"], sort=False)[["delta_score", "icl_gain"]].mean()
+    r = p = float("nan")
+    if len(points) >= 3 and points.delta_score.std() > 0 and points.icl_gain.std() > 0:
+        r, p = (float(v) for v in stats.pearsonr(points.delta_score, points.icl_gain, alternative="greater"))
+    agree = {arm: float((np.sign(g.delta_score) == np.sign(g.icl_gain)).mean())
+             for arm, g in e.groupby("arm", sort=False)}
+    return {"pearson_r": r, "p_value": p, "models": int(len(points)), "sign_agreement": agree}
+
+
+# ----------------------------------------------------------------------------- transfer
+def transfer(runs: pd.DataFrame, targets: dict, window: tuple[int, int], ev: Evaluate) -> pd.DataFrame:
+    """Per arm and head: the head's score at the window end minus the baseline's (same probe
+    seed), mean and interval over seeds, and its kind: `target`, `same_kind` (another head of
+    the unit's kind: baseline window-end score ≥ `same_kind_score`) or `other`."""
+    end, metric = window[1], targets["metric"]
+    ends = runs.groupby(["arm", "seed", "layer", "head"], sort=False) \
+        .apply(lambda g: float(np.interp(end, g.step, g[metric])), include_groups=False) \
+        .rename("score_end").reset_index()
+    base = ends[ends.arm == "baseline"].set_index(["seed", "layer", "head"]).score_end
+    ends["delta"] = ends.score_end - base.reindex(pd.MultiIndex.from_frame(ends[["seed", "layer", "head"]])).to_numpy()
+    base_mean = base.groupby(["layer", "head"]).mean()
+    target_names = {h["name"] for h in targets["heads"]}
+    rows = []
+    for (arm, layer, head), g in ends[ends.arm != "baseline"].groupby(["arm", "layer", "head"], sort=False):
+        name = Head(int(layer), int(head)).name
+        mean, low, high = t_interval(g.delta, ev.confidence)
+        b = float(base_mean.loc[(layer, head)])
+        kind = "target" if name in target_names else ("same_kind" if b >= ev.same_kind_score else "other")
+        rows.append({"arm": arm, "head": name, "layer": int(layer), "head_index": int(head), "kind": kind,
+                     "baseline_end": b, "delta_mean": mean, "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def transfer_summary(table: pd.DataFrame) -> dict:
+    """Per arm: mean |Δ| over target, same-kind and other heads, and same-kind / other."""
+    out = {}
+    for arm, g in table.groupby("arm", sort=False):
+        size = {kind: float(g[g.kind == kind].delta_mean.abs().mean()) if (g.kind == kind).any() else float("nan")
+                for kind in ("target", "same_kind", "other")}
+        ratio = size["same_kind"] / size["other"] if size["other"] > 0 else float("nan")
+        out[arm] = {**{f"abs_delta_{k}": v for k, v in size.items()}, "same_kind_over_other": ratio,
+                    "same_kind_heads": int((g.kind == "same_kind").sum()), "other_heads": int((g.kind == "other").sum())}
+    return out
+
+
+# ----------------------------------------------------------------------------- catalysts
+def domain_enrichment(window_domains: pd.Series, top_domains: pd.Series, ev: Evaluate) -> pd.DataFrame:
+    """Per domain: share of the top-k set, share of the window, their ratio, and a percentile
+    bootstrap interval of the ratio (both samples resampled: multinomial draws of their counts)."""
+    domains = sorted(set(window_domains))
+    n, k = len(window_domains), len(top_domains)
+    win = window_domains.value_counts().reindex(domains, fill_value=0).to_numpy()
+    top = top_domains.value_counts().reindex(domains, fill_value=0).to_numpy()
+    rng = np.random.default_rng([ev.seed, 11])
+    win_b = rng.multinomial(n, win / n, size=ev.bootstrap) / n
+    top_b = rng.multinomial(k, top / k, size=ev.bootstrap) / k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio_b = top_b / win_b
+    tail = (1 - ev.confidence) / 2 * 100
+    low, high = np.nanpercentile(ratio_b, [tail, 100 - tail], axis=0)
+    return pd.DataFrame({"domain": domains, "window_count": win, "top_count": top,
+                         "window_share": win / n, "top_share": top / k,
+                         "enrichment": (top / k) / (win / n), "ci_low": low, "ci_high": high})
+
+
+def decode_samples(stream, tokenizer_dir: str | os.PathLike, samples: pd.DataFrame) -> pd.DataFrame:
+    """`samples` (sample_id, step, …) with the row's text decoded by the corpus tokenizer (None
+    where the corpus has no tokenizer)."""
+    if samples.empty:
+        return samples.assign(text=pd.Series(dtype=object))
+    table = pd.concat([stream.read(int(s), int(s), columns=["sample_id", "input_ids"]).to_pandas()
+                       for s in sorted(set(samples.step))], ignore_index=True)
+    ids = dict(zip(table.sample_id, table.input_ids))
+    tokenizer = None
+    if (Path(tokenizer_dir) / "tokenizer.json").is_file() or (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    text = [tokenizer.decode(list(ids[s])) if tokenizer is not None else None for s in samples.sample_id]
+    return samples.assign(text=text)
+
+
+# ----------------------------------------------------------------------------- the whole evaluation
+def evaluate(params: Params, retrain_dir: str | os.PathLike, targets: dict, sets: pd.DataFrame,
+             scores: pd.DataFrame, stream, tokenizer_dir: str | os.PathLike) -> dict:
+    """Every table of the evaluation, and `summary` (JSON-ready facts and headline numbers)."""
+    from mda.interventions import union_scores
+    from mda.retrain import chosen_sets
+
+    ev = params.evaluate
+    runs, missing = read_runs(params, retrain_dir)
+    window = (int(targets["window"]["start"]), int(targets["window"]["end"]))
+    curves = target_trajectories(runs, targets)
+    effects = run_effects(curves, window, ev, set(params.retrain.fixed_arms))
+    per_arm = arm_summary(effects, ev.confidence)
+    tests = targeted_vs_random(effects)
+    coupling = icl_coupling(effects)
+    heads = transfer(runs, targets, window, ev)
+
+    target = chosen_sets(sets, params, targets)
+    window_scores = union_scores(scores) if target == "union" else scores[scores["head"] == target]
+    top = sets[sets.set == f"{target}:top"].merge(window_scores[["sample_id", "step", "domain"]],
+                                                  on="sample_id", validate="one_to_one")
+    enrichment = domain_enrichment(window_scores.domain, top.domain, ev)
+    top_rows = top.nsmallest(ev.top_samples, "rank")[["rank", "sample_id", "step", "domain", "score"]]
+    summary = {
+        "target": target, "unit": targets["unit"], "metric": targets["metric"],
+        "heads": [h["name"] for h in targets["heads"]], "window": list(window),
+        "k": int(len(top)), "window_samples": int(len(window_scores)),
+        "threshold": ev.threshold, "confidence": ev.confidence,
+        "eval_every": params.retrain.eval_every, "seeds": list(params.retrain.seeds),
+        "fixed_arms": list(params.retrain.fixed_arms), "random_arms": list(params.retrain.random_arms),
+        "missing_runs": missing, "icl_coupling": coupling, "transfer": transfer_summary(heads),
+    }
+    return {"curves": curves, "effects": effects, "per_arm": per_arm, "tests": tests, "transfer": heads,
+            "enrichment": enrichment, "top_samples": decode_samples(stream, tokenizer_dir, top_rows),
+            "summary": summary}
+
+
+def headline_metrics(result: dict) -> dict:
+    """The numbers `dvc metrics show` / `dvc exp show` and MLflow compare across runs."""
+    s, effects, per_arm, tests = result["summary"], result["effects"], result["per_arm"], result["tests"]
+    base = effects[effects.arm == "baseline"]
+    out = {"k": s["k"], "window_start": s["window"][0], "window_end": s["window"][1],
+           "missing_runs": len(s["missing_runs"]),
+           "baseline": {"emergence_step": base.emergence_step.mean(), "score_end": base.score_end.mean(),
+                        "icl_end": base.icl_end.mean()},
+           "arms": {}, "targeted_vs_random": {},
+           "icl_coupling": {"pearson_r": s["icl_coupling"]["pearson_r"], "p_value": s["icl_coupling"]["p_value"]},
+           "transfer_same_kind_over_other": {a: t["same_kind_over_other"] for a, t in s["transfer"].items()},
+           "top_domain_enrichment": {}}
+    for arm, g in per_arm.groupby("arm", sort=False):
+        out["arms"][arm] = {row.effect: {"mean": row.mean, "ci_low": row.ci_low, "ci_high": row.ci_high}
+                            for row in g.itertuples() if row.effect in ("delay", "delta_score", "icl_gain")}
+    for row in tests.itertuples():
+        out["targeted_vs_random"].setdefault(row.arm, {})[f"p_{row.effect}"] = row.p_value
+    e = result["enrichment"].sort_values("enrichment", ascending=False)
+    if len(e):
+        out["top_domain_enrichment"] = {"domain": e.domain.iloc[0], "ratio": e.enrichment.iloc[0],
+                                        "ci_low": e.ci_low.iloc[0], "ci_high": e.ci_high.iloc[0]}
+    return json_ready(out)
+
+
+def json_ready(obj):
+    """NaN/inf → None and numpy scalars → Python (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj

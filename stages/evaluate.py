@@ -1,0 +1,52 @@
+"""DVC stage `evaluate`: effects of the counterfactual runs → data/evaluate/ + metrics/evaluate.json.
+
+Reads whatever part of the retrain matrix exists (a missing run is listed in `summary.json`,
+never filled in); the baseline run is required.
+"""
+
+import mlflow
+import pandas as pd
+import pyarrow as pa
+
+from mda.cli import run_stage
+from mda.data.stream import Stream
+from mda.errors import MdaError
+from mda.evaluate import evaluate, headline_metrics, json_ready
+from mda.influence.scoring import read_targets
+from mda.io import atomic_dir, atomic_file, write_json, write_parquet
+from mda.tracking import flatten, stage_run
+
+RETRAIN, TARGETS, OUT = "data/retrain", "data/locate/targets.json", "data/evaluate"
+SETS, SCORES = "data/select/sets.parquet", "data/scores/scores.parquet"
+STREAM, TOKENIZER = "data/corpus/stream", "data/corpus/tokenizer"
+METRICS, CURVES_CSV = "metrics/evaluate.json", "plots/retrain_trajectories.csv"
+
+
+def read_table(path, stage):
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        raise MdaError(f"{path}: missing; run the {stage} stage") from None
+
+
+def main(params):
+    with stage_run("evaluate", {"evaluate": params.evaluate.model_dump(), "retrain.seeds": params.retrain.seeds}):
+        result = evaluate(params, RETRAIN, read_targets(TARGETS), read_table(SETS, "select"),
+                          read_table(SCORES, "scores"), Stream(STREAM), TOKENIZER)
+        metrics = headline_metrics(result)
+        with atomic_dir(OUT) as tmp:
+            for name in ("effects", "curves", "per_arm", "tests", "transfer", "enrichment", "top_samples"):
+                write_parquet(tmp / f"{name}.parquet", pa.Table.from_pandas(result[name], preserve_index=False))
+            write_json(tmp / "summary.json", json_ready(result["summary"]))
+        write_json(METRICS, metrics)
+        with atomic_file(CURVES_CSV) as tmp:  # drawn per arm by the top-level `plots:` of dvc.yaml
+            result["curves"].to_csv(tmp, index=False)
+        numeric = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        mlflow.log_metrics(numeric)
+        mlflow.set_tag("missing_runs", ", ".join(result["summary"]["missing_runs"]) or "none")
+        mlflow.log_artifacts(OUT, artifact_path="evaluate")
+        mlflow.log_artifact(METRICS)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,42 @@
+"""DVC stage `report`: the evaluation as reports/report.md, a self-contained report.html and PNGs."""
+
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from mda.cli import run_stage
+from mda.errors import MdaError
+from mda.io import atomic_dir
+from mda.report import build_report, read_evaluation, write_report
+from mda.tracking import git_commit, repo_root, stage_run
+
+EVALUATE, SCORES, OUT = "data/evaluate", "data/scores/scores.parquet", "reports"
+
+
+def commit_label() -> str:
+    """The commit, marked `+changes` when tracked files differ from it (params included)."""
+    commit = git_commit()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+                           capture_output=True, text=True).stdout.strip()
+    return f"{commit[:12]}{' +changes' if dirty else ''}"
+
+
+def main(params):
+    with stage_run("report", {"evaluate": params.evaluate.model_dump()}):
+        ev = read_evaluation(EVALUATE)
+        try:
+            scores = pd.read_parquet(SCORES)
+        except FileNotFoundError:
+            raise MdaError(f"{SCORES}: missing; run the scores stage") from None
+        with atomic_dir(OUT) as tmp:
+            doc = build_report(ev, scores, Path("params.yaml").read_text(),
+                               commit_label(), tmp)
+            write_report(doc, tmp, title=f"mda report: {', '.join(ev['summary']['heads'])}")
+        mlflow.log_artifacts(OUT, artifact_path="report")
+        mlflow.set_tag("missing_runs", ", ".join(ev["summary"]["missing_runs"]) or "none")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,76 @@
+"""The report: verdicts follow the numbers, missing runs are named, the HTML stands alone."""
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from mda.config import Evaluate
+from mda.evaluate import (arm_summary, domain_enrichment, icl_coupling, run_effects, targeted_vs_random,
+                          transfer, transfer_summary)
+from mda.report import build_report, verdicts, write_report
+from tests.test_evaluate import TARGETS, WINDOW, curve, head_runs
+
+EV = Evaluate(bootstrap=200)
+
+
+def evaluation(remove_top_onset: int, icl_end: float = -1.8, missing=()):
+    rows = [curve("baseline", s, 1200) for s in range(3)]
+    rows += [curve("remove-top", s, remove_top_onset, top=0.7, icl_end=icl_end) for s in range(3)]
+    rows += [curve("remove-random", s, 1200 + 20 * s) for s in range(3)]
+    curves = pd.concat(rows, ignore_index=True)
+    effects = run_effects(curves, WINDOW, EV, {"baseline", "remove-top"})
+    heads = transfer(head_runs({(1, 0): -0.3, (1, 1): -0.2, (0, 0): 0.0, (0, 1): 0.01},
+                               {(1, 0): 0.8, (1, 1): 0.5, (0, 0): 0.05, (0, 1): 0.1}), TARGETS, WINDOW, EV)
+    window = pd.Series(["junk"] * 300 + ["prose"] * 700)
+    top = pd.Series(["junk"] * 80 + ["prose"] * 20)
+    summary = {"target": "L1H0", "unit": "induction", "metric": "prefix_matching", "heads": ["L1H0"],
+               "window": list(WINDOW), "k": 100, "window_samples": 1000, "threshold": 0.5, "confidence": 0.95,
+               "eval_every": 100, "seeds": [0, 1, 2], "fixed_arms": ["baseline", "remove-top"],
+               "random_arms": ["remove-random"], "missing_runs": list(missing),
+               "icl_coupling": icl_coupling(effects), "transfer": transfer_summary(heads)}
+    return {"curves": curves, "effects": effects, "per_arm": arm_summary(effects, 0.95),
+            "tests": targeted_vs_random(effects), "transfer": heads, "enrichment": domain_enrichment(window, top, EV),
+            "top_samples": pd.DataFrame({"rank": [1], "sample_id": [7], "step": [1003], "domain": ["junk"],
+                                         "score": [2.5], "text": ["ZAP ZAP `x` ZAP"]}),
+            "summary": summary}
+
+
+def scores():
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"sample_id": np.arange(1000), "head": "L1H0", "score": rng.normal(size=1000),
+                         "domain": ["junk"] * 300 + ["prose"] * 700})
+
+
+def test_verdicts_follow_the_numbers():
+    delayed = " ".join(verdicts(evaluation(remove_top_onset=1500)))
+    assert "Removing the top-k set delays emergence more than removing a random set: **in the hypothesised " \
+           "direction, not significant**" in delayed
+    assert "p = 0.25 (the smallest possible with 3 random sets: 0.25)" in delayed
+    assert "Duplicating the top-k set advances emergence more than duplicating a random set: **not tested**" in delayed
+    # weaker head, less ICL — but over 2 trained models only (remove-top once, remove-random ×3 = 4)
+    assert "In-context learning moves with the head: **" in delayed
+    assert "Over 4 trained models, Pearson r between Δ target score and ICL gain at the window end = +1.00" \
+        in delayed
+    opposite = " ".join(verdicts(evaluation(remove_top_onset=1500, icl_end=-2.2)))
+    assert "In-context learning moves with the head: **not shown**" in opposite
+    advanced = " ".join(verdicts(evaluation(remove_top_onset=1100)))
+    assert "removing a random set: **not shown**" in advanced
+
+
+def test_report_names_missing_runs_and_embeds_every_image(tmp_path):
+    ev = evaluation(1500, missing=["remove-random seed 3"])
+    doc = build_report(ev, scores(), "evaluate:\n  threshold: 0.5\n", "abc123", tmp_path)
+    write_report(doc, tmp_path, "test")
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "Missing runs (not evaluated, not filled in): remove-random seed 3" in md
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["effects.png", "enrichment.png", "icl_vs_induction.png", "influence.png", "trajectories.png",
+                    "transfer.png"]
+    assert all(f"]({name})" in md for name in pngs)
+    srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(srcs) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "threshold: 0.5" in page and "abc123" in page
+    assert "| remove-top | 3 |" in md  # the headline table, one row per arm
+    assert "ZAP ZAP 'x' ZAP" in md  # decoded text, backticks neutralised inside the code span
