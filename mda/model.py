@@ -10,10 +10,12 @@ A checkpoint is a folder `step<N>/` holding
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -54,7 +56,10 @@ def neox_config(model: Model, vocab_size: int) -> GPTNeoXConfig:
 
 
 def new_model(config: GPTNeoXConfig, seed: int) -> GPTNeoXForCausalLM:
+    # Seed every global RNG a trainer state records, so checkpoints are the same bytes run to run.
     torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     model = GPTNeoXForCausalLM(config)
     model.config._attn_implementation = "eager"
     return model

@@ -16,9 +16,11 @@ EVALUATE, SCORES, OUT = "data/evaluate", "data/scores/scores.parquet", "reports"
 
 
 def commit_label() -> str:
-    """The commit, marked `+changes` when tracked files differ from it (params included)."""
+    """The commit, marked `+changes` when the code, dvc.yaml or params.yaml differ from it
+    (as in a `dvc exp run -S …`); outputs such as dvc.lock do not count."""
     commit = git_commit()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            "params.yaml", "dvc.yaml", "mda", "stages"], cwd=repo_root(),
                            capture_output=True, text=True).stdout.strip()
     return f"{commit[:12]}{' +changes' if dirty else ''}"
 

@@ -251,6 +251,10 @@ def test_influence_stages_end_to_end_and_bad_targets(located_repo):
     for stage in ("factors", "gradients", "scores"):
         res = run_stage(located_repo, stage)
         assert res.returncode == 0, res.stderr
+    # Same inputs, another process: the factor files are the same bytes (metadata included).
+    first = {p.name: p.read_bytes() for p in (located_repo / "data/factors").rglob("*.safetensors")}
+    assert first and run_stage(located_repo, "factors").returncode == 0
+    assert {p.name: p.read_bytes() for p in (located_repo / "data/factors").rglob("*.safetensors")} == first
     scores = pd.read_parquet(located_repo / "data/scores/scores.parquet")
     targets = json.loads((located_repo / "data/locate/targets.json").read_text())
     n = (targets["window"]["end"] - targets["window"]["start"]) * 4

@@ -1,9 +1,11 @@
+import pytest
 import torch
 
 from mda.data.corpus import build_corpus
 from mda.data.stream import Stream
 from mda.model import TRAINER_STATE, neox_config, new_model, save_model, step_dir
 from mda.train import Trainer, batch_loss, lr_factor, pythia_save_steps, resume, train_steps
+from tests.conftest import run_stage
 
 
 def test_pythia_save_schedule():
@@ -65,3 +67,13 @@ def test_zero_weight_row_contributes_nothing(tiny_params):
         loss.backward()
         grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.slow
+def test_checkpoints_stage_rerun_writes_the_same_bytes(trained_repo):
+    """Weights, optimizer, schedule and every recorded RNG state: nothing unseeded leaks in."""
+    ckpts = trained_repo / "data/checkpoints"
+    first = {p.relative_to(ckpts): p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()}
+    res = run_stage(trained_repo, "checkpoints")
+    assert res.returncode == 0, res.stderr
+    assert {p.relative_to(ckpts): p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()} == first

@@ -10,6 +10,7 @@ Blocks are independent (block-diagonal curvature across blocks).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,9 @@ class BlockFactors:
         tensors = {k: getattr(self, k).contiguous() for k in (
             "activation_covariance", "gradient_covariance", "activation_eigenvectors",
             "gradient_eigenvectors", "eigenvalues")}
-        save_file(tensors, str(path), metadata={k: str(v) for k, v in {**self.meta, "damping": self.damping}.items()})
+        # One JSON entry: safetensors writes a multi-key metadata map in hash order, not stable bytes.
+        meta = json.dumps({k: str(v) for k, v in {**self.meta, "damping": self.damping}.items()}, sort_keys=True)
+        save_file(tensors, str(path), metadata={"mda": meta})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BlockFactors":
@@ -56,9 +59,12 @@ class BlockFactors:
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as f:
-                meta = dict(f.metadata() or {})
+                meta = f.metadata() or {}
         except Exception as err:
             raise MdaError(f"{path}: cannot read factors ({str(err).splitlines()[0]})") from None
+        if "mda" not in meta:
+            raise MdaError(f"{path}: no mda metadata (written by another tool or an older mda); rerun the factors stage")
+        meta = json.loads(meta["mda"])
         damping = float(meta.pop("damping"))
         factors = cls(**tensors, damping=damping, meta=meta)
         check_finite(factors.eigenvalues, f"{path}: eigenvalues")
