@@ -8,7 +8,8 @@ them into effects against the baseline run:
 - per arm: mean and t-interval over seeds; targeted vs random: the targeted arm's effect
   ranked among the random sets' (a Monte-Carlo permutation test over which samples are
   edited: the random sets are draws from the null);
-- ICL coupling, transfer to the other heads, and the domains the top-k set is made of.
+- ICL coupling, transfer to the other heads, and the domains the top-k set is made of;
+- when each arm's edits happen relative to the baseline's emergence.
 
 Every score comes from the trajectories `retrain` wrote with `mda.units`; nothing here
 re-scores a model.
@@ -31,6 +32,8 @@ from mda.units import first_crossing
 # targeted arm → (its random control, the sign of the hypothesised effect on emergence delay)
 CONTROLS = {"remove-top": ("remove-random", +1), "augment-top": ("augment-random", -1)}
 EFFECTS = ("delay", "delta_score", "delta_auc", "icl_gain", "delta_heldout_loss")
+# The tables `evaluate` writes to data/evaluate/<name>.parquet (next to summary.json).
+TABLES = ("effects", "curves", "per_arm", "tests", "transfer", "enrichment", "top_samples", "edit_timing")
 EFFECT_LABELS = {
     "delay": "emergence delay (steps)",
     "delta_score": "Δ target score at window end",
@@ -268,6 +271,28 @@ def decode_samples(stream, tokenizer_dir: str | os.PathLike, samples: pd.DataFra
     return samples.assign(text=text)
 
 
+# ----------------------------------------------------------------------------- when the edits happen
+def edit_timing(params: Params, sets: pd.DataFrame, targets: dict, stream, before_step: float) -> pd.DataFrame:
+    """Per edited run: rows removed or copies placed, and how many come before `before_step`
+    (the baseline's emergence). An edit made after the head has formed cannot move its
+    emergence, so this says how much of each arm could act on it at all."""
+    from mda.retrain import build_edit, chosen_sets
+
+    r = params.retrain
+    window = (int(targets["window"]["start"]), int(targets["window"]["end"]))
+    target = chosen_sets(sets, params, targets)
+    # Fixed arms are edited once, with the first seed (as `stages.retrain` does).
+    runs = [(arm, r.seeds[0]) for arm in r.fixed_arms if arm != "baseline"] + \
+           [(arm, s) for arm in r.random_arms for s in r.seeds]
+    rows = []
+    for arm, seed in runs:
+        steps = build_edit(arm, seed, params, sets, target, stream, window).edited_steps()
+        rows.append({"arm": arm, "seed": seed, "edited_rows": len(steps),
+                     "before_emergence": int((steps < before_step).sum()),
+                     "median_step": float(np.median(steps)) if len(steps) else np.nan})
+    return pd.DataFrame(rows, columns=["arm", "seed", "edited_rows", "before_emergence", "median_step"])
+
+
 # ----------------------------------------------------------------------------- the whole evaluation
 def evaluate(params: Params, retrain_dir: str | os.PathLike, targets: dict, sets: pd.DataFrame,
              scores: pd.DataFrame, stream, tokenizer_dir: str | os.PathLike) -> dict:
@@ -291,6 +316,8 @@ def evaluate(params: Params, retrain_dir: str | os.PathLike, targets: dict, sets
                                                   on="sample_id", validate="one_to_one")
     enrichment = domain_enrichment(window_scores.domain, top.domain, ev)
     top_rows = top.nsmallest(ev.top_samples, "rank")[["rank", "sample_id", "step", "domain", "score"]]
+    emerged = effects[effects.arm == "baseline"].emergence_step.mean()
+    edits_before = float(emerged) if np.isfinite(emerged) else float(window[1])  # not formed: all count
     summary = {
         "target": target, "unit": targets["unit"], "metric": targets["metric"],
         "heads": [h["name"] for h in targets["heads"]], "window": list(window),
@@ -299,9 +326,11 @@ def evaluate(params: Params, retrain_dir: str | os.PathLike, targets: dict, sets
         "eval_every": params.retrain.eval_every, "seeds": list(params.retrain.seeds),
         "fixed_arms": list(params.retrain.fixed_arms), "random_arms": list(params.retrain.random_arms),
         "missing_runs": missing, "icl_coupling": coupling, "transfer": transfer_summary(heads),
+        "edits_before_step": edits_before,
     }
     return {"curves": curves, "effects": effects, "per_arm": per_arm, "tests": tests, "transfer": heads,
             "enrichment": enrichment, "top_samples": decode_samples(stream, tokenizer_dir, top_rows),
+            "edit_timing": edit_timing(params, sets, targets, stream, edits_before),
             "summary": summary}
 
 
@@ -322,6 +351,8 @@ def headline_metrics(result: dict) -> dict:
                             for row in g.itertuples() if row.effect in ("delay", "delta_score", "icl_gain")}
     for row in tests.itertuples():
         out["targeted_vs_random"].setdefault(row.arm, {})[f"p_{row.effect}"] = row.p_value
+    timing = result["edit_timing"].groupby("arm", sort=False)[["before_emergence", "edited_rows"]].sum()
+    out["edits_before_emergence_share"] = (timing.before_emergence / timing.edited_rows.clip(lower=1)).to_dict()
     e = result["enrichment"].sort_values("enrichment", ascending=False)
     if len(e):
         out["top_domain_enrichment"] = {"domain": e.domain.iloc[0], "ratio": e.enrichment.iloc[0],

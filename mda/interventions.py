@@ -89,6 +89,12 @@ class StreamEdit:
                 ids[pos] = row
         return ids, self.weights.get(step)
 
+    def edited_steps(self) -> np.ndarray:
+        """The step of every removed row and every placed copy, sorted."""
+        removed = [s for s, w in self.weights.items() for _ in range(int((w == 0).sum()))]
+        placed = [s for s, rows in self.replace.items() for _ in rows]
+        return np.sort(np.array(removed + placed, dtype=np.int64))
+
 
 def removal(stream_rows: pd.DataFrame, selected: set[int], batch_size: int) -> StreamEdit:
     """Zero loss weight for selected samples. `stream_rows`: sample_id, step, batch_pos."""

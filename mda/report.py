@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mda import plots
-from mda.evaluate import CONTROLS, EFFECT_LABELS
+from mda.evaluate import CONTROLS, EFFECT_LABELS, TABLES
 from mda.interventions import ARMS
 
 ARM_COLOURS = {"baseline": "black", "remove-top": "tab:red", "remove-random": "lightcoral",
@@ -193,6 +193,13 @@ def caveats(ev: dict) -> list[str]:
         out.insert(0, "**The baseline is already at the emergence threshold at the window start, so emergence "
                       "cannot move earlier there and delays are not informative: the target did not form inside "
                       "this window.**")
+    timing = ev["edit_timing"].groupby("arm")[["edited_rows", "before_emergence"]].sum()
+    shares = [f"`{arm}` {timing.before_emergence[arm] / timing.edited_rows[arm]:.0%}" for arm in CONTROLS
+              if arm in timing.index and timing.edited_rows[arm]]
+    if shares:
+        out.append(f"Share of edits made before the baseline's emergence (step {s['edits_before_step']:,.0f}): "
+                   f"{', '.join(shares)}. Only those can move emergence; the rest act on a head that has already "
+                   "formed and show only in the later score (see *When the edits happen*).")
     if s["missing_runs"]:
         out.insert(0, "**Missing runs (not evaluated, not filled in): " + ", ".join(s["missing_runs"]) + ".**")
     return out
@@ -363,6 +370,15 @@ def headline_table(ev: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def edit_timing_table(timing: pd.DataFrame) -> pd.DataFrame:
+    by_arm = timing.groupby("arm", sort=False)[["edited_rows", "before_emergence", "median_step"]].mean()
+    return pd.DataFrame({"arm": by_arm.index, "runs": timing.groupby("arm", sort=False).size().to_numpy(),
+                         "edited rows": [f"{v:,.0f}" for v in by_arm.edited_rows],
+                         "before emergence": [f"{b:,.0f} ({b / max(n, 1):.0%})" for b, n in
+                                              zip(by_arm.before_emergence, by_arm.edited_rows)],
+                         "median step": [fmt(v, 0) for v in by_arm.median_step]})
+
+
 def build_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str,
                  out: Path) -> Document:
     """Write the PNGs into `out` and return the document that embeds them."""
@@ -393,6 +409,12 @@ def build_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str,
     doc.table(headline_table(ev))
     doc.heading(2, "How to read these numbers")
     doc.bullets(caveats(ev))
+    if len(ev["edit_timing"]):
+        doc.heading(2, "When the edits happen")
+        doc.paragraph(f"An edit can only move emergence if it happens before the head forms: rows removed or "
+                      f"copies placed per arm (mean over the runs' edits) and how many of them come before the "
+                      f"baseline's emergence (step {s['edits_before_step']:,.0f}).")
+        doc.table(edit_timing_table(ev["edit_timing"]))
     doc.heading(2, "Trajectories")
     doc.image(figures["trajectories"], "Target head score and ICL score per arm during retraining; band: range over seeds.")
     doc.image(figures["effects"], "Effect of each arm against the baseline, mean and 95 % CI over seeds.")
@@ -448,7 +470,7 @@ def read_evaluation(directory: str | os.PathLike) -> dict:
 
     directory = Path(directory)
     ev = {"summary": read_json(directory / "summary.json", "run the evaluate stage")}
-    for name in ("effects", "curves", "per_arm", "tests", "transfer", "enrichment", "top_samples"):
+    for name in TABLES:
         try:
             ev[name] = pd.read_parquet(directory / f"{name}.parquet")
         except FileNotFoundError:

@@ -11,7 +11,7 @@ import pyarrow as pa
 from mda.cli import run_stage
 from mda.data.stream import Stream
 from mda.errors import MdaError
-from mda.evaluate import evaluate, headline_metrics, json_ready
+from mda.evaluate import TABLES, evaluate, headline_metrics, json_ready
 from mda.influence.scoring import read_targets
 from mda.io import atomic_dir, atomic_file, write_json, write_parquet
 from mda.tracking import flatten, stage_run
@@ -35,7 +35,7 @@ def main(params):
                           read_table(SCORES, "scores"), Stream(STREAM), TOKENIZER)
         metrics = headline_metrics(result)
         with atomic_dir(OUT) as tmp:
-            for name in ("effects", "curves", "per_arm", "tests", "transfer", "enrichment", "top_samples"):
+            for name in TABLES:
                 write_parquet(tmp / f"{name}.parquet", pa.Table.from_pandas(result[name], preserve_index=False))
             write_json(tmp / "summary.json", json_ready(result["summary"]))
         write_json(METRICS, metrics)

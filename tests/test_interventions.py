@@ -52,6 +52,7 @@ def test_removal_zeroes_exactly_the_selected_rows():
     ids = np.arange(B * 65).reshape(B, 65)
     same, w = edit.apply(5, ids)
     assert same is ids and w is None
+    assert edit.edited_steps().tolist() == [0, 1, 1]  # samples 1, 6, 7 sit at steps 0, 1, 1
 
 
 def test_masked_sample_gives_the_gradient_of_a_zero_weight_padding_row():
@@ -94,6 +95,8 @@ def test_augmentation_keeps_shapes_and_only_replaces_later_unselected_rows():
                 assert source in selected and step > source // B           # a later step
                 assert step * B + pos not in selected                        # never over a selected row
     assert placed == 6
+    assert edit.edited_steps().tolist() == sorted(s for s, rows in edit.replace.items() for _ in rows)
+    assert len(edit.edited_steps()) == 6
     assert augmentation(rows, sources, selected, 9, 2, seed=0).replace.keys() == edit.replace.keys()
 
 

@@ -28,11 +28,15 @@ def evaluation(remove_top_onset: int, icl_end: float = -1.8, missing=()):
                "window": list(WINDOW), "k": 100, "window_samples": 1000, "threshold": 0.5, "confidence": 0.95,
                "eval_every": 100, "seeds": [0, 1, 2], "fixed_arms": ["baseline", "remove-top"],
                "random_arms": ["remove-random"], "missing_runs": list(missing),
-               "icl_coupling": icl_coupling(effects), "transfer": transfer_summary(heads)}
+               "icl_coupling": icl_coupling(effects), "transfer": transfer_summary(heads),
+               "edits_before_step": 1250.0}
     return {"curves": curves, "effects": effects, "per_arm": arm_summary(effects, 0.95),
             "tests": targeted_vs_random(effects), "transfer": heads, "enrichment": domain_enrichment(window, top, EV),
             "top_samples": pd.DataFrame({"rank": [1], "sample_id": [7], "step": [1003], "domain": ["junk"],
                                          "score": [2.5], "text": ["ZAP ZAP `x` ZAP"]}),
+            "edit_timing": pd.DataFrame({"arm": ["remove-top"] + ["remove-random"] * 3, "seed": [0, 0, 1, 2],
+                                         "edited_rows": [100] * 4, "before_emergence": [30, 50, 40, 60],
+                                         "median_step": [1400.0, 1300.0, 1320.0, 1280.0]}),
             "summary": summary}
 
 
@@ -73,4 +77,7 @@ def test_report_names_missing_runs_and_embeds_every_image(tmp_path):
     assert len(srcs) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "threshold: 0.5" in page and "abc123" in page
     assert "| remove-top | 3 |" in md  # the headline table, one row per arm
-    assert "ZAP ZAP 'x' ZAP" in md  # decoded text, backticks neutralised inside the code span
+    assert "ZAP ZAP 'x' ZAP" in md
+    # when the edits happen: per arm, and the targeted arm's share in the caveats
+    assert "| remove-random | 3 | 100 | 50 (50%) | 1,300 |" in md
+    assert "before the baseline's emergence (step 1,250): `remove-top` 30%." in md  # decoded text, backticks neutralised inside the code span
