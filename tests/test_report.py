@@ -77,7 +77,7 @@ def test_report_names_missing_runs_and_embeds_every_image(tmp_path):
     assert len(srcs) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "threshold: 0.5" in page and "abc123" in page
     assert "| remove-top | 3 |" in md  # the headline table, one row per arm
-    assert "ZAP ZAP 'x' ZAP" in md
+    assert "ZAP ZAP 'x' ZAP" in md  # decoded text, backticks neutralised inside the code span
     # when the edits happen: per arm, and the targeted arm's share in the caveats
     assert "| remove-random | 3 | 100 | 50 (50%) | 1,300 |" in md
-    assert "before the baseline's emergence (step 1,250): `remove-top` 30%." in md  # decoded text, backticks neutralised inside the code span
+    assert "before the baseline's emergence (step 1,250): `remove-top` 30%." in md
