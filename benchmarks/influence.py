@@ -18,7 +18,7 @@ writes goes to a temporary directory (`--workdir` to choose it, `--keep` to keep
 into data/. Run it on a quiet machine: the ratios are only as good as the timings.
 
 Phases, each in its own subprocess (so its peak RSS is its own; each child reports its
-`getrusage(RUSAGE_SELF).ru_maxrss`), torch threads = `influence.threads`:
+`getrusage(RUSAGE_SELF).ru_maxrss`), torch threads = `compute.threads`:
 
 - plain: one forward+backward pass of the full model over exactly the window's sequences, in
   batches of `influence.batch_size`; every parameter requires grad as in training, loss =
@@ -107,10 +107,11 @@ class Child:
         self.torch = torch
         self.args = args
         self.work = Path(args.workdir)
-        self.inf = load_params(args.params).influence
+        params = load_params(args.params)
+        self.inf = params.influence
         if args.factor_samples is not None:
             self.inf = self.inf.model_copy(update={"factor_samples": args.factor_samples})
-        self.threads = args.threads or self.inf.threads
+        self.threads = args.threads or params.compute.threads
         torch.set_num_threads(self.threads)
         self.s = setup(self.inf, args.checkpoints, read_targets(args.targets))
         self.stream = Stream(args.stream)
@@ -384,7 +385,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of every phase; reports each phase's median time (default 1)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads of every phase (default: influence.threads)")
+                   help="torch threads of every phase (default: compute.threads)")
     p.add_argument("--factor-samples", type=int, default=None,
                    help="override influence.factor_samples (ours and kronfluence [subset]); with "
                         "--steps, 2048 * N / 2500 keeps the full run's subset fraction")

@@ -20,6 +20,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# ----------------------------------------------------------------------------- compute
+class Compute(Section):
+    """Where and how every model-running stage computes (mda.compute)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    """`cpu`, `cuda` (one GPU per process: `cuda:<LOCAL_RANK>`), or `auto` (cuda when available)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Forward/backward precision: `bfloat16` runs them under autocast; weights, optimizer state,
+    EK-FAC covariances, eigendecompositions and score sums stay float32/float64."""
+    micro_batch: int | None = Field(None, ge=1)
+    """Rows per forward in training; an optimizer step still covers `corpus.batch_size` rows
+    (gradient accumulation, one loss normaliser). `null`: all of a rank's rows at once."""
+    procs: int = Field(1, ge=1)
+    """Data-parallel processes (torchrun ranks) per stage; each needs its own GPU on cuda."""
+    threads: int = Field(2, ge=1)
+    """torch CPU threads per process. CPU results are bit-exact only for the same thread count
+    (the retraining baseline reproduces pretraining only with the same value)."""
+
+
 # ----------------------------------------------------------------------------- corpus
 class SyntheticCorpus(Section):
     """The embedded, offline mini-Pile (see `mda.data.synthetic`)."""
@@ -154,8 +173,6 @@ class Pretrain(Section):
     save_every: int = Field(500, ge=1)
     """Checkpoint spacing after step 512 (before it: 0, 1, 2, 4, ..., 512 as Pythia)."""
     log_every: int = Field(10, ge=1)
-    threads: int = Field(2, ge=1)
-    """torch CPU threads; results are bit-exact only for the same thread count."""
     probe: ProbeSettings = ProbeSettings()
 
 
@@ -223,7 +240,6 @@ class Influence(Section):
     """Samples per gradient shard; a rerun skips complete shards."""
     mode: Literal["cached", "streaming"] = "cached"
     """`cached`: scores read the gradient shards; `streaming`: recompute gradients, no cache."""
-    threads: int = Field(2, ge=1)
 
 
 # ----------------------------------------------------------------------------- select / retrain
@@ -262,8 +278,6 @@ class Retrain(Section):
     """Augment arms: copies of each selected sample placed in later steps of the window."""
     fresh_optimizer: bool = False
     """Allow a window start without trainer state (hub checkpoints): fresh AdamW with warm-up."""
-    threads: int = Field(2, ge=1)
-    """Must equal `pretrain.threads` for the baseline to reproduce pretraining bit-exactly."""
 
     @model_validator(mode="after")
     def _arm_kinds(self):
@@ -299,6 +313,7 @@ class Evaluate(Section):
 
 
 class Params(Section):
+    compute: Compute = Compute()
     corpus: Corpus = Corpus()
     model: Model = Model()
     pretrain: Pretrain = Pretrain()

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from mda.compute import runtime
 from mda.config import Locate, Params, ProbeSettings
 from mda.data.corpus import read_heldout
 from mda.errors import MdaError
@@ -93,7 +94,7 @@ def scan_checkpoints(params: Params, checkpoints: str | os.PathLike, corpus_dir:
     steps = saved_steps(checkpoints)
     heldout = torch.from_numpy(read_heldout(corpus_dir, loc.heldout_rows))
     heads, models, probe = [], [], None
-    torch.set_num_threads(params.pretrain.threads)
+    runtime(params.compute)
     for step in tqdm(steps, desc="locate", unit="ckpt"):
         model = load_model(step_dir(checkpoints, step))
         if probe is None:

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from mda.compute import runtime
 from mda.config import Params
 from mda.data.stream import Stream
 from mda.errors import MdaError
@@ -47,7 +48,7 @@ def pretrain(params: Params, corpus_dir: str | os.PathLike, out: str | os.PathLi
              on_update: Callable[[int, float, float], None] | None = None,
              on_checkpoint: Callable[[int, torch.Tensor], None] | None = None) -> PretrainLog:
     """Train from scratch over the whole stream; write `out/step<N>/` checkpoints."""
-    torch.set_num_threads(params.pretrain.threads)
+    runtime(params.compute)
     torch.use_deterministic_algorithms(True)
     meta = read_corpus_meta(corpus_dir)
     if meta["seq_len"] > params.model.max_position_embeddings:

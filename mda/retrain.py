@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from mda.compute import runtime
 from mda.config import Params, ProbeSettings
 from mda.data.corpus import read_heldout
 from mda.data.stream import Stream
@@ -94,7 +95,7 @@ def start_trainer(params: Params, checkpoints: str | os.PathLike, start: int) ->
 def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_dir, checkpoints,
             targets: dict, sets: pd.DataFrame, out: Path, vocab_size: int | None) -> dict:
     """Train one arm once; evaluate it with each of `seeds`' probes. Writes `out/` files."""
-    torch.set_num_threads(params.retrain.threads)
+    runtime(params.compute)
     torch.use_deterministic_algorithms(True)
     start, end = int(targets["window"]["start"]), int(targets["window"]["end"])
     stream = Stream(Path(corpus_dir) / "stream")
@@ -136,7 +137,7 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
     pd.DataFrame(losses, columns=["step", "loss"]).to_parquet(out / "losses.parquet", index=False)
     return {"arm": arm, "seeds": seeds, "edit_seed": edit_seed, "window": [start, end], "last_step": last,
             "fresh_optimizer": fresh, "edit": edit.summary, "reproduces_original": reproduces,
-            "threads": params.retrain.threads}
+            "threads": params.compute.threads}
 
 
 def same_weights(model, checkpoint: Path) -> bool:

@@ -1,6 +1,5 @@
 """DVC stage `checkpoints`: data/checkpoints/step<N>/ by local pretraining or from the hub."""
 
-import mlflow
 import pandas as pd
 
 from mda.cli import run_stage
@@ -18,15 +17,15 @@ INDUCTION_CSV = "plots/induction_curve.csv"
 
 def main(params):
     section = {"model": params.model.model_dump(), "pretrain": params.pretrain.model_dump()}
-    with stage_run("checkpoints", section):
+    with stage_run("checkpoints", section) as run:
         with atomic_dir(OUT) as tmp:
             if params.model.source == "hub":
                 download_hub_checkpoints(params.model.hub, tmp)
                 induction = checkpoint_induction_scores(params, tmp)
                 losses = []
             else:
-                log = pretrain(params, CORPUS, tmp, on_update=_log_update(params),
-                               on_checkpoint=_log_checkpoint)
+                log = pretrain(params, CORPUS, tmp, on_update=_log_update(params, run),
+                               on_checkpoint=_log_checkpoint(run))
                 induction, losses = log.induction, log.losses
         curve = pd.DataFrame({"step": sorted(induction),
                               "induction_score_max": [max(map(max, induction[s])) for s in sorted(induction)]})
@@ -42,18 +41,20 @@ def main(params):
             metrics["final_loss"] = losses[-1][1]
         write_json(METRICS, metrics)
         for path in (METRICS, INDUCTION_CSV, LOSS_CSV):
-            mlflow.log_artifact(path)
+            run.log_artifact(path)
 
 
-def _log_update(params):
+def _log_update(params, run):
     def log(step, loss, lr):
         if step % params.pretrain.log_every == 0:
-            mlflow.log_metrics({"loss": loss, "lr": lr}, step=step)
+            run.log_metrics({"loss": loss, "lr": lr}, step=step)
     return log
 
 
-def _log_checkpoint(step, scores):
-    mlflow.log_metric("induction_score_max", scores.max().item(), step=step)
+def _log_checkpoint(run):
+    def log(step, scores):
+        run.log_metric("induction_score_max", scores.max().item(), step=step)
+    return log
 
 
 def _write_csv(frame, path):

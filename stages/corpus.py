@@ -1,7 +1,5 @@
 """DVC stage `corpus`: the training stream, tokenizer and meta under data/corpus/."""
 
-import mlflow
-
 from mda.cli import run_stage
 from mda.data.corpus import build_corpus
 from mda.io import atomic_dir
@@ -11,12 +9,12 @@ OUT = "data/corpus"
 
 
 def main(params):
-    with stage_run("corpus", {"corpus": params.corpus.model_dump()}):
+    with stage_run("corpus", {"corpus": params.corpus.model_dump()}) as run:
         with atomic_dir(OUT) as tmp:
             meta = build_corpus(params.corpus, tmp)
-        mlflow.log_metrics({"rows": meta["rows"], "tokens": meta["tokens"]})
-        mlflow.log_metrics({f"domain_rows.{k}": v for k, v in meta["domain_counts"].items()})
-        mlflow.log_artifact(f"{OUT}/meta.json")
+        run.log_metrics({"rows": meta["rows"], "tokens": meta["tokens"]})
+        run.log_metrics({f"domain_rows.{k}": v for k, v in meta["domain_counts"].items()})
+        run.log_artifact(f"{OUT}/meta.json")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ Reads whatever part of the retrain matrix exists (a missing run is listed in `su
 never filled in); the baseline run is required.
 """
 
-import mlflow
 import pandas as pd
 import pyarrow as pa
 
@@ -30,7 +29,7 @@ def read_table(path, stage):
 
 
 def main(params):
-    with stage_run("evaluate", {"evaluate": params.evaluate.model_dump(), "retrain.seeds": params.retrain.seeds}):
+    with stage_run("evaluate", {"evaluate": params.evaluate.model_dump(), "retrain.seeds": params.retrain.seeds}) as run:
         result = evaluate(params, RETRAIN, read_targets(TARGETS), read_table(SETS, "select"),
                           read_table(SCORES, "scores"), Stream(STREAM), TOKENIZER)
         metrics = headline_metrics(result)
@@ -42,10 +41,10 @@ def main(params):
         with atomic_file(CURVES_CSV) as tmp:  # drawn per arm by the top-level `plots:` of dvc.yaml
             result["curves"].to_csv(tmp, index=False)
         numeric = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        mlflow.log_metrics(numeric)
-        mlflow.set_tag("missing_runs", ", ".join(result["summary"]["missing_runs"]) or "none")
-        mlflow.log_artifacts(OUT, artifact_path="evaluate")
-        mlflow.log_artifact(METRICS)
+        run.log_metrics(numeric)
+        run.set_tag("missing_runs", ", ".join(result["summary"]["missing_runs"]) or "none")
+        run.log_artifacts(OUT, artifact_path="evaluate")
+        run.log_artifact(METRICS)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """DVC stage `gradients`: per-sample training gradients of every target block over the
 window → data/gradients/shard-*.parquet + manifest.json (resumable: complete shards are kept)."""
 
-import mlflow
-import torch
-
 from mda.cli import run_stage
+from mda.compute import runtime
 from mda.data.stream import Stream
 from mda.influence.scoring import cache_gradients, read_targets, setup
 from mda.tracking import stage_run
@@ -15,13 +13,13 @@ OUT = "data/gradients"
 
 def main(params):
     inf = params.influence
-    with stage_run("gradients", {"influence": inf.model_dump()}):
-        torch.set_num_threads(inf.threads)
+    with stage_run("gradients", {"influence": inf.model_dump()}) as run:
+        runtime(params.compute)
         s = setup(inf, CHECKPOINTS, read_targets(TARGETS))
         manifest = cache_gradients(inf, s, Stream(STREAM), OUT)
-        mlflow.log_metrics({"samples": manifest["samples"], "shards": len(manifest["shards"]),
+        run.log_metrics({"samples": manifest["samples"], "shards": len(manifest["shards"]),
                             "reused_shards": manifest["reused_shards"]})
-        mlflow.log_artifact(f"{OUT}/manifest.json")
+        run.log_artifact(f"{OUT}/manifest.json")
 
 
 if __name__ == "__main__":

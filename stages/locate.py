@@ -2,7 +2,7 @@
 
 import json
 
-import mlflow
+
 import pyarrow as pa
 
 from mda.cli import run_stage
@@ -20,7 +20,7 @@ CURVE_CSV = "plots/locate_target.csv"
 
 
 def main(params):
-    with stage_run("locate", {"locate": params.locate.model_dump()}):
+    with stage_run("locate", {"locate": params.locate.model_dump()}) as run:
         check_request(params.locate, CHECKPOINTS)
         meta = read_corpus_meta(CORPUS)
         heads, models, facts = scan_checkpoints(params, CHECKPOINTS, CORPUS, meta.get("vocab_size"))
@@ -54,13 +54,13 @@ def main(params):
             "heldout_loss_final": float(curve.heldout_loss.iloc[-1]),
         })
         for row in curve.itertuples():
-            mlflow.log_metrics({"target_score": row.target_score, "icl_score": row.icl_score,
+            run.log_metrics({"target_score": row.target_score, "icl_score": row.icl_score,
                                 "heldout_loss": row.heldout_loss}, step=int(row.step))
-        mlflow.set_tags({"targets": ",".join(h["name"] for h in targets["heads"]),
+        run.set_tags({"targets": ",".join(h["name"] for h in targets["heads"]),
                          "window": f"{targets['window']['start']}-{targets['window']['end']}"})
-        mlflow.log_artifacts(OUT, artifact_path="locate")
+        run.log_artifacts(OUT, artifact_path="locate")
         for path in (METRICS, CURVE_CSV):
-            mlflow.log_artifact(path)
+            run.log_artifact(path)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import subprocess
 from pathlib import Path
 
-import mlflow
+
 import pandas as pd
 
 from mda.cli import run_stage
@@ -26,7 +26,7 @@ def commit_label() -> str:
 
 
 def main(params):
-    with stage_run("report", {"evaluate": params.evaluate.model_dump()}):
+    with stage_run("report", {"evaluate": params.evaluate.model_dump()}) as run:
         ev = read_evaluation(EVALUATE)
         try:
             scores = pd.read_parquet(SCORES)
@@ -36,8 +36,8 @@ def main(params):
             doc = build_report(ev, scores, Path("params.yaml").read_text(),
                                commit_label(), tmp)
             write_report(doc, tmp, title=f"mda report: {', '.join(ev['summary']['heads'])}")
-        mlflow.log_artifacts(OUT, artifact_path="report")
-        mlflow.set_tag("missing_runs", ", ".join(ev["summary"]["missing_runs"]) or "none")
+        run.log_artifacts(OUT, artifact_path="report")
+        run.set_tag("missing_runs", ", ".join(ev["summary"]["missing_runs"]) or "none")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ trajectory per evaluation seed; random arms train per seed → data/retrain/<arm
 
 import sys
 
-import mlflow
+
 import pandas as pd
 
 from mda.cli import run_stage
@@ -44,15 +44,15 @@ def main(params):
         tags = {"arm": arm, "seed": str(s), "trained_once": str(fixed).lower(),
                 "fresh_optimizer": str(meta["fresh_optimizer"]).lower()}
         with stage_run("retrain", {"retrain": r.model_dump(), "arm": arm, "seed": s},
-                       run_name=f"retrain-{arm}-{s}", tags=tags):
+                       run_name=f"retrain-{arm}-{s}", tags=tags) as run:
             rows = trajectory[(trajectory.seed == s) & (trajectory.layer == target["layer"])
                               & (trajectory["head"] == target["head"])]
             for row in rows.itertuples():
-                mlflow.log_metrics({"target_score": getattr(row, metric), "icl_score": row.icl_score,
+                run.log_metrics({"target_score": getattr(row, metric), "icl_score": row.icl_score,
                                     "heldout_loss": row.heldout_loss}, step=int(row.step))
             if meta["reproduces_original"] is not None:
-                mlflow.log_metric("reproduces_original", float(meta["reproduces_original"]))
-            mlflow.log_dict(meta, "meta.json")
+                run.log_metric("reproduces_original", float(meta["reproduces_original"]))
+            run.log_dict(meta, "meta.json")
 
 
 def parse_args(params, args):

@@ -1,11 +1,9 @@
 """DVC stage `scores`: influence of every window sample on each target head's probe →
 data/scores/scores.parquet, metrics/scores.json and the score distribution plot."""
 
-import mlflow
 import pyarrow as pa
-import torch
-
 from mda.cli import run_stage
+from mda.compute import runtime
 from mda.data.stream import Stream
 from mda.influence.scoring import (attach_samples, concentration, load_factors, plot_scores,
                                    preconditioned_probe, read_targets, scores_from_cache,
@@ -19,8 +17,8 @@ FACTORS, GRADIENTS, OUT, METRICS = "data/factors", "data/gradients", "data/score
 
 def main(params):
     inf = params.influence
-    with stage_run("scores", {"influence": inf.model_dump()}):
-        torch.set_num_threads(inf.threads)
+    with stage_run("scores", {"influence": inf.model_dump()}) as run:
+        runtime(params.compute)
         s = setup(inf, CHECKPOINTS, read_targets(TARGETS))
         stream = Stream(STREAM)
         vectors = preconditioned_probe(inf, s, load_factors(FACTORS, s))
@@ -36,10 +34,10 @@ def main(params):
             plot_scores(scores, tmp / "score_distribution.png")
         write_json(METRICS, metrics)
         for head, m in metrics["heads"].items():
-            mlflow.log_metrics({f"{head}/top1pct_positive_share": m["top1pct_positive_share"],
+            run.log_metrics({f"{head}/top1pct_positive_share": m["top1pct_positive_share"],
                                 f"{head}/top10pct_positive_share": m["top10pct_positive_share"]})
-        mlflow.log_artifact(f"{OUT}/score_distribution.png")
-        mlflow.log_artifact(METRICS)
+        run.log_artifact(f"{OUT}/score_distribution.png")
+        run.log_artifact(METRICS)
 
 
 if __name__ == "__main__":

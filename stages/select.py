@@ -1,6 +1,5 @@
 """DVC stage `select`: top-k, bottom-k and seeded random sets → data/select/sets.parquet + meta.json."""
 
-import mlflow
 import pandas as pd
 import pyarrow as pa
 
@@ -16,7 +15,7 @@ SCORES, TARGETS, OUT = "data/scores/scores.parquet", "data/locate/targets.json",
 
 def main(params):
     sel = params.select
-    with stage_run("select", {"select": sel.model_dump(), "retrain.seeds": params.retrain.seeds}):
+    with stage_run("select", {"select": sel.model_dump(), "retrain.seeds": params.retrain.seeds}) as run:
         try:
             scores = pd.read_parquet(SCORES)
         except FileNotFoundError:
@@ -39,8 +38,8 @@ def main(params):
             write_parquet(tmp / "sets.parquet", pa.Table.from_pandas(sets, preserve_index=False))
             write_json(tmp / "meta.json", meta)
             plot_cut(scores, meta, tmp / "sorted_influence.png")
-        mlflow.log_metric("k", k)
-        mlflow.log_artifacts(OUT, artifact_path="select")
+        run.log_metric("k", k)
+        run.log_artifacts(OUT, artifact_path="select")
 
 
 def plot_cut(scores, meta, path):

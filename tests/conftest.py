@@ -11,13 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for seconds on 2 cores; same code paths as the default.
 TINY = {
+    "compute": {"threads": 1},
     "corpus": {"seq_len": 32, "batch_size": 4, "steps": 12, "heldout_rows": 16},
     "model": {"layers": 2, "hidden_size": 32, "heads": 2, "intermediate_size": 64,
               "max_position_embeddings": 64},
-    "pretrain": {"warmup_steps": 2, "save_every": 4, "log_every": 2, "threads": 1,
+    "pretrain": {"warmup_steps": 2, "save_every": 4, "log_every": 2,
                  "probe": {"sequences": 4, "half_len": 8}},
     "locate": {"probe": {"sequences": 4, "half_len": 8}, "heldout_rows": 16},
-    "retrain": {"threads": 1, "eval_every": 2},  # threads = pretrain.threads: bit-exact baseline
+    "retrain": {"eval_every": 2},
 }
 
 

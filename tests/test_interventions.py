@@ -124,7 +124,7 @@ def selected_repo(trained_repo):
     targets["window"].update(start=4, end=8)
     targets["influence_step"] = 8
     targets_path.write_text(json.dumps(targets))
-    set_params(trained_repo, {"retrain": {"eval_every": 2, "threads": 1}})  # = the tiny pretrain.threads
+    set_params(trained_repo, {"retrain": {"eval_every": 2}})
     for stage in ("factors", "gradients", "scores", "select"):
         res = run_stage(trained_repo, stage)
         assert res.returncode == 0, res.stderr
