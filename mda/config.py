@@ -139,6 +139,8 @@ class Model(Section):
     intermediate_size: int = Field(256, ge=1)
     rotary_pct: float = Field(0.25, gt=0.0, le=1.0)
     max_position_embeddings: int = Field(256, ge=2)
+    vocab_size: int | None = Field(None, ge=2)
+    """Embedding rows; `null`: the corpus tokenizer's vocabulary (Pythia pads its 50,277 ids to 50,304)."""
     init_seed: int = Field(0, ge=0)
     hub: HubModel = HubModel()
 
@@ -170,6 +172,11 @@ class Pretrain(Section):
     grad_clip: float = Field(1.0, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
+    total_steps: int | None = Field(None, ge=1)
+    """Length of the LR schedule (warm-up + cosine); `null`: the stream's length. Pythia: 143,000."""
+    init: Literal["scratch", "hub"] = "scratch"
+    """Initial weights: `scratch` (`model.init_seed`, GPT-NeoX's init) or `hub` (the `step0` revision
+    of `model.hub`, Pythia's own initialisation; the model section must match its shape)."""
     save_every: int = Field(500, ge=1)
     """Checkpoint spacing after step 512 (before it: 0, 1, 2, 4, ..., 512 as Pythia)."""
     log_every: int = Field(10, ge=1)
@@ -364,3 +371,44 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         return Params.model_validate(raw or {})
     except ValidationError as err:
         raise ConfigError(f"{path}: {_describe(err)}") from None
+
+
+# ----------------------------------------------------------------------------- which keys a stage reads
+class RecordedParams:
+    """A read-only view of `Params` (or a section) that records the dotted key of every value
+    read through it, so a test can check that `dvc.yaml` lists every param a stage reads.
+    Nested sections come back as views too; a property (e.g. `hub.repo_id`) counts as reading
+    its whole section, and `model_dump()` as reading every key below it."""
+
+    def __init__(self, target: BaseModel, prefix: str, sink: set[str]):
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_sink", sink)
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}.{name}" if self._prefix else name
+
+    def __getattr__(self, name: str):
+        target, fields = self._target, type(self._target).model_fields
+        value = getattr(target, name)
+        if name in fields:
+            if isinstance(value, BaseModel):
+                return RecordedParams(value, self._key(name), self._sink)
+            self._sink.add(self._key(name))
+            return value
+        if name == "model_dump":
+            def dump(*args, **kwargs):
+                self._sink.add(self._prefix or "*")
+                return value(*args, **kwargs)
+            return dump
+        if isinstance(getattr(type(target), name, None), property):
+            self._sink.add(self._prefix or "*")
+        return value
+
+    def __setattr__(self, name, value):
+        raise AttributeError("params are read-only")
+
+
+def unwrap(section):
+    """The plain pydantic object behind a `RecordedParams` view (for logging, which is no read)."""
+    return section._target if isinstance(section, RecordedParams) else section

@@ -26,7 +26,7 @@ def commit_label() -> str:
 
 
 def main(params):
-    with stage_run("report", {"evaluate": params.evaluate.model_dump()}) as run:
+    with stage_run("report", {"evaluate": params.evaluate}) as run:
         ev = read_evaluation(EVALUATE)
         try:
             scores = pd.read_parquet(SCORES)

@@ -53,6 +53,20 @@ def trained_repo(tmp_path_factory):
     return repo
 
 
+@pytest.fixture(scope="session")
+def quick_repo(tmp_path_factory):
+    """A repo on the `quick` preset after one whole `dvc repro` (the DAG CI runs once), with
+    every params key each stage read recorded in `params-read.jsonl` (tests/test_dvc_deps.py)."""
+    import os
+
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("quick") / "repo",
+                              yaml.safe_load((REPO / "presets/quick.yaml").read_text()))
+    env = {**os.environ, "MDA_RECORD_PARAMS": str(repo / "params-read.jsonl")}
+    res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return repo
+
+
 def make_pipeline_repo(repo: Path, params: dict | None = None) -> Path:
     """A git+DVC repo with the code, dvc.yaml, the plot template and `params` (default: tiny)."""
     repo.mkdir(parents=True)

@@ -181,52 +181,58 @@ def located_repo(trained_repo):
 
 
 def influence_setup(repo, **overrides):
+    from mda.compute import runtime
+    from mda.config import Compute
     from mda.data.stream import Stream
-    from mda.influence.scoring import read_targets, setup
+    from mda.influence.window import setup
+    from mda.io import read_targets
 
     inf = Influence(**{"factor_samples": 0, **overrides})
     targets = read_targets(repo / "data/locate/targets.json")
     targets["window"] = {"start": 0, "end": 12}  # the whole tiny run: 48 samples
     targets["influence_step"] = 12
-    return inf, setup(inf, repo / "data/checkpoints", targets), Stream(repo / "data/corpus/stream")
+    rt = runtime(Compute(threads=1))
+    return inf, setup(inf, repo / "data/checkpoints", targets, rt), Stream(repo / "data/corpus/stream")
 
 
 @pytest.mark.slow
 def test_cached_and_streaming_scores_agree_and_ignore_batching(located_repo, tmp_path):
-    from mda.influence.scoring import (cache_gradients, fit_factors, load_factors, preconditioned_probe,
-                                       scores_from_cache, scores_streaming)
+    from mda.influence.factors import fit_factors, load_factors
+    from mda.influence.gradients import cache_gradients
+    from mda.influence.scoring import preconditioned_probe, scores_from_cache, scores_streaming
 
     inf, s, stream = influence_setup(located_repo, batch_size=7, probe_sequences=4, probe_half_len=8)
     fit_factors(inf, s, stream, tmp_path / "factors")
     vectors = preconditioned_probe(inf, s, load_factors(tmp_path / "factors", s))
-    manifest = cache_gradients(inf, s, stream, tmp_path / "g1")
+    manifest, _ = cache_gradients(inf, s, stream, tmp_path / "g1")
     assert manifest["samples"] == 48 and len(manifest["shards"]) == 1
-    cached = scores_from_cache(s, tmp_path / "g1", vectors)
+    cached = scores_from_cache(inf, s, stream, tmp_path / "g1", vectors)
     streamed = scores_streaming(inf, s, stream, vectors)
     assert list(cached.sample_id) == list(range(48))
     np.testing.assert_allclose(cached.score, streamed.score, rtol=1e-6, atol=1e-6 * cached.score.abs().max())
     # Other batch size and 6 shards of 2 steps: the same scores (rows are independent).
     inf2 = inf.model_copy(update={"batch_size": 16, "shard_samples": 8})
-    manifest2 = cache_gradients(inf2, s, stream, tmp_path / "g2")
+    manifest2, _ = cache_gradients(inf2, s, stream, tmp_path / "g2")
     assert len(manifest2["shards"]) == 6
-    resharded = scores_from_cache(s, tmp_path / "g2", vectors, read_rows=5)
+    resharded = scores_from_cache(inf2, s, stream, tmp_path / "g2", vectors, read_rows=5)
     np.testing.assert_allclose(resharded.score, cached.score, rtol=1e-5, atol=1e-6 * cached.score.abs().max())
     # A float16 cache scores within half-precision rounding of the float32 one.
     inf16 = inf.model_copy(update={"dtype": "float16"})
     cache_gradients(inf16, s, stream, tmp_path / "g16")
-    half = scores_from_cache(s, tmp_path / "g16", vectors)
+    half = scores_from_cache(inf16, s, stream, tmp_path / "g16", vectors)
     np.testing.assert_allclose(half.score, cached.score, rtol=0, atol=2e-3 * cached.score.abs().max())
     # A rerun keeps complete shards; a damaged one is recomputed.
     shard = tmp_path / "g2/shard-00003.parquet"
     shard.write_bytes(shard.read_bytes()[:200])
-    again = cache_gradients(inf2, s, stream, tmp_path / "g2")
-    assert again["reused_shards"] == 5
-    np.testing.assert_array_equal(scores_from_cache(s, tmp_path / "g2", vectors, read_rows=5).score, resharded.score)
+    _, reused = cache_gradients(inf2, s, stream, tmp_path / "g2")
+    assert reused == 5
+    np.testing.assert_array_equal(scores_from_cache(inf2, s, stream, tmp_path / "g2", vectors, read_rows=5).score,
+                                  resharded.score)
 
 
 @pytest.mark.slow
 def test_nan_weights_stop_with_the_block_and_step(located_repo, tmp_path):
-    from mda.influence.scoring import batch_gradients
+    from mda.influence.gradients import batch_gradients
 
     inf, s, stream = influence_setup(located_repo)
     head = s.heads[0]

@@ -14,17 +14,7 @@ import yaml
 
 from mda.config import load_params
 from mda.model import load_model, load_trainer_state, saved_steps
-from tests.conftest import REPO, make_pipeline_repo, run_stage
-
-
-@pytest.fixture(scope="module")
-def quick_repo(tmp_path_factory):
-    """A repo on the `quick` preset after one whole `dvc repro` (the DAG CI runs once)."""
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("quick") / "repo",
-                              yaml.safe_load((REPO / "presets/quick.yaml").read_text()))
-    res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return repo
+from tests.conftest import run_stage
 
 
 def mlflow_runs(repo):

@@ -92,6 +92,10 @@ class Stream:
         self.batch_size = int(np.sum(first.column("step").to_numpy() == self.first_step))
         self.row_len = len(first.column("input_ids")[0])
 
+    def parts(self, first_step: int, last_step: int) -> list[Path]:
+        """The part files holding any of the steps first_step..last_step."""
+        return sorted({f for f, _, lo, hi in self._index if hi >= first_step and lo <= last_step})
+
     def read(self, first_step: int, last_step: int,
              columns: list[str] | None = None) -> pa.Table:
         """All rows with first_step <= step <= last_step."""
