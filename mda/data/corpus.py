@@ -81,6 +81,7 @@ def build_corpus(corpus: Corpus, out: str | os.PathLike) -> dict:
         bar.update(corpus.steps)
         vocab_size = len(tokenizer)
     bar.close()
+    writer.close()  # the last, possibly short, part
 
     write_parquet(out / HELDOUT, pa.table({
         "domain": pa.array(heldout_domains, pa.string()),
