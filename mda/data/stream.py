@@ -194,7 +194,7 @@ class Stream:
 
     def parts(self, first_step: int, last_step: int) -> list[Path]:
         """The part files holding any of the steps first_step..last_step."""
-        return sorted({f for f, _, lo, hi in self._index if hi >= first_step and lo <= last_step})
+        return sorted({f for f, _, lo, hi, _ in self._index if hi >= first_step and lo <= last_step})
 
     def read(self, first_step: int, last_step: int,
              columns: list[str] | None = None) -> pa.Table:
