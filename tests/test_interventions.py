@@ -251,6 +251,38 @@ def selected_repo(trained_repo):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("placement", ["in_place", "upweight", "later"])
+def test_build_edit_places_augment_arms_by_the_params(selected_repo, placement):
+    """On a real stream and selection: each augment arm's edit follows `retrain.augment_placement`
+    and says so in its summary (what `meta.json` records)."""
+    from mda.config import load_params, parse_params
+    from mda.data.stream import Stream
+    from mda.retrain import build_edit
+
+    raw = load_params(selected_repo / "params.yaml").model_dump()
+    raw["retrain"]["augment_placement"] = placement
+    params = parse_params(raw)
+    sets = pd.read_parquet(selected_repo / "data/select/sets.parquet")
+    target = sorted(set(sets.target))[0]
+    stream = Stream(selected_repo / "data/corpus/stream")
+    rows = stream.read(4, 7, columns=["sample_id", "step", "batch_pos"]).to_pandas()
+    top = set(sets[sets.set == f"{target}:top"].sample_id)
+    top_steps = sorted(rows[rows.sample_id.isin(top)].step)
+    for arm in ("augment-top", "augment-synthetic"):
+        edit = build_edit(arm, 0, params, sets, target, stream, (4, 8))
+        expected = "in_place" if (placement, arm) == ("upweight", "augment-synthetic") else placement
+        assert edit.summary["placement"] == expected and edit.summary["augment_placement"] == placement
+        steps = edit.edited_steps().tolist()
+        assert len(steps) == edit.summary["copies_placed"]
+        if expected in ("in_place", "upweight"):
+            assert set(steps) <= set(top_steps)  # every copy (or extra weight) in a selected row's own step
+        else:
+            assert all(s > min(top_steps) for s in steps)
+        if expected == "upweight":
+            assert steps == top_steps and not edit.replace  # weight 2 on each selected row, nothing replaced
+
+
+@pytest.mark.slow
 def test_baseline_reproduces_pretraining_bit_exactly(selected_repo):
     from mda.model import load_model
 
