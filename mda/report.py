@@ -370,8 +370,10 @@ def unit_section(doc: Document, ev: dict, image) -> None:
     early = [LEVEL_LABELS[l] for l in LEVELS[1:]
              if (base[base.level == l].emergence_step <= s["window"][0]).any()]
     if early:
-        doc.paragraph(f"In the baseline, the {' and the '.join(early)} is already at its threshold at the window "
-                      "start, so its delays cannot show an earlier emergence and say little.")
+        one = len(early) == 1
+        doc.paragraph(f"In the baseline, the {' and the '.join(early)} {'is' if one else 'are'} already at "
+                      f"{'its threshold' if one else 'their thresholds'} at the window start, so "
+                      f"{'its' if one else 'their'} delays cannot show an earlier emergence and say little.")
     image("unit_levels", "The unit's score at three levels per arm (mean over seeds), each with its own threshold.")
 
 

@@ -26,6 +26,7 @@ CLAIMS = {
 }
 ICL_CLAIM = "In-context learning moves with the head"
 TEST_NAMES = {"rank": "rank test", "t": "prediction-interval t-test"}
+GROUP_TEST_NAMES = {"rank": "permutation test", "t": "pooled two-sample t-test"}  # a seeded targeted arm
 
 RULES = [
     "**Targeted arms** (`remove-top` vs `remove-random`: emergence later; `augment-top` and `augment-synthetic` "
@@ -74,8 +75,14 @@ def finite(x) -> bool:
     return x is not None and bool(np.isfinite(x))
 
 
-def test_choice(k: int, test: str) -> str:
-    return f"the {TEST_NAMES[test]} (chosen because K = {k} {'≥' if k >= RANK_TEST_MIN_SETS else '<'} {RANK_TEST_MIN_SETS})"
+def test_name(test: str, models: int) -> str:
+    """What the test is called for one targeted model, or for a group of them (see `RULES`)."""
+    return (TEST_NAMES if models <= 1 else GROUP_TEST_NAMES)[test]
+
+
+def test_choice(k: int, test: str, models: int = 1) -> str:
+    return (f"the {test_name(test, models)} (chosen because K = {k} {'≥' if k >= RANK_TEST_MIN_SETS else '<'} "
+            f"{RANK_TEST_MIN_SETS})")
 
 
 def targeted_verdict(arm: str, tests: pd.DataFrame, per_arm: pd.DataFrame, configured: list[str],
@@ -114,13 +121,13 @@ def targeted_verdict(arm: str, tests: pd.DataFrame, per_arm: pd.DataFrame, confi
     if not finite(row.p_value):
         why = "fewer than 2 random sets or no spread among them" if test == "t" else "no p"
         return Verdict(claim, NOT_TESTED, f"{word} than the baseline and beyond the random sets' mean, but "
-                                          f"{test_choice(k, test)} has no p ({why})", detail)
+                                          f"{test_choice(k, test, row.targeted_models)} has no p ({why})", detail)
     if row.p_value <= ALPHA:
         return Verdict(claim, SUPPORTED, f"{word} than the baseline ({row.targeted:+,.0f} steps) and beyond the "
-                                         f"random sets' mean ({row.random_mean:+,.0f}), and {test_choice(k, test)} "
+                                         f"random sets' mean ({row.random_mean:+,.0f}), and {test_choice(k, test, row.targeted_models)} "
                                          f"gives p = {row.p_value:.3g} ≤ {ALPHA}", detail)
     return Verdict(claim, NOT_SIGNIFICANT, f"{word} than the baseline ({row.targeted:+,.0f} steps) and beyond the "
-                                           f"random sets' mean ({row.random_mean:+,.0f}), but {test_choice(k, test)} "
+                                           f"random sets' mean ({row.random_mean:+,.0f}), but {test_choice(k, test, row.targeted_models)} "
                                            f"gives p = {row.p_value:.3g} > {ALPHA}", detail)
 
 
@@ -137,14 +144,16 @@ def targeted_detail(arm: str, row, per_arm: pd.DataFrame, tests: pd.DataFrame) -
     sd = f"sd {row.random_sd:,.0f}" if finite(row.random_sd) else "no sd"
     parts.append(f"`{row.control}` by {row.random_mean:+,.0f} ({sd} over {row.random_sets} random sets)")
     text = "; ".join(parts) + ". "
-    t_part = (f"t = {row.t:+.2f}, df = {row.df}, p = {row.t_p:.3g}" if finite(row.t_p) else "t-test: no p")
-    text += (f"Rank test p = {row.rank_p:.3g} (smallest possible: {row.rank_min_p:.3g}); "
-             f"prediction-interval t-test {t_part}.")
+    m = row.targeted_models
+    t_part = (f"t = {row.t:+.2f}, df = {row.df}, p = {row.t_p:.3g}" if finite(row.t_p)
+              else "no p (fewer than 2 random sets or no spread among them)")
+    text += (f"{test_name('rank', m).capitalize()} p = {row.rank_p:.3g} (smallest possible: {row.rank_min_p:.3g}); "
+             f"{test_name('t', m)} {t_part}.")
     auc = tests[(tests.arm == arm) & (tests.effect == "delta_auc")]
     if len(auc):
         a = auc.iloc[0]
         text += (f" Mean score over the window: Δ {a.targeted:+.3f} vs {a.random_mean:+.3f} for random sets "
-                 f"(p = {a.p_value:.3g}, {TEST_NAMES[a.test]}).")
+                 f"(p = {a.p_value:.3g}, {test_name(a.test, a.targeted_models)}).")
     if d is not None and d.not_emerged:
         text += f" In {d.not_emerged} seed(s) `{arm}` never reached the threshold; those have no delay."
     return text

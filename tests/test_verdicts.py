@@ -87,7 +87,8 @@ def test_a_moved_role_is_noted_but_does_not_decide():
 def test_a_seeded_targeted_arm_gets_its_own_verdict():
     v = verdict("augment-synthetic", {"augment-synthetic": [-100.0, -120.0, -110.0], "augment-random": [0.0, -10.0, 10.0]})
     assert v.state == SUPPORTED and v.claim.startswith("Synthetic motif rows")
-    assert "3 trained models, one per seed" in v.detail and "Rank test p = 0.05 (smallest possible: 0.05)" in v.detail
+    assert "the pooled two-sample t-test (chosen because K = 3 < 19) gives p = 8.78e-05" in v.reason
+    assert "3 trained models, one per seed" in v.detail and "Permutation test p = 0.05 (smallest possible: 0.05)" in v.detail
 
 
 def coupling(r, p, agreement, models=8):
