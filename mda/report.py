@@ -31,8 +31,8 @@ PLACEMENT_TEXT = {
                 "drops the rest (column *dropped* below)",
     "upweight": "the selected row's loss weight becomes 1 + `retrain.copies` in its own step and nothing else "
                 "changes (the loss is still divided by all target tokens of the batch) — exactly the gradient of "
-                "that many copies of the row in its step; `augment-synthetic`'s new rows have no weight of "
-                "their own to raise and are placed in place",
+                "1 + `retrain.copies` copies of the row in its step with every other row kept; "
+                "`augment-synthetic`'s new rows have no weight of their own to raise and are placed in place",
     "later": "each copy replaces a non-selected row of a uniformly drawn **later** step of the window, so most "
              "copies land after the head has formed",
 }
