@@ -274,15 +274,24 @@ class Retrain(Section):
     fixed_arms: list[ArmName] = Field(default_factory=lambda: ["baseline", "remove-top", "augment-top"])
     """Arms whose data does not depend on a seed: trained once, evaluated with every seed's
     probe (`remove-bottom` is opt-in, for the time budget)."""
-    random_arms: list[ArmName] = Field(default_factory=lambda: ["remove-random", "augment-random"])
-    """Arms trained once per seed (a new random set, or new synthetic rows, per seed;
-    `augment-synthetic` is opt-in)."""
+    random_arms: list[ArmName] = Field(default_factory=lambda: ["remove-random", "augment-random",
+                                                                "augment-synthetic"])
+    """Arms trained once per seed (a new random set, or new synthetic rows, per seed).
+    `augment-synthetic` is a targeted arm (its control: `augment-random`) whose data depend on
+    the seed."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    """Random arms: one set (and one run) per seed, so K = len(seeds) random sets per control;
+    every arm: the evaluation probe seed. K ≥ 19 lets the rank test reach p = 0.05."""
     tail_steps: int = Field(0, ge=0)
     """Steps trained after the window end (no interventions there)."""
     eval_every: int = Field(100, ge=1)
     copies: int = Field(1, ge=1)
-    """Augment arms: copies of each selected sample placed in later steps of the window."""
+    """Augment arms: copies of each selected sample (placed by `augment_placement`)."""
+    augment_placement: Literal["in_place", "upweight", "later"] = "in_place"
+    """Where augment copies go: `in_place` — each replaces a random non-selected row of its
+    original's own step (removal's mirror image); `upweight` — the selected row's loss weight
+    becomes 1 + `copies`, nothing else changes (`augment-synthetic`'s new rows go `in_place`);
+    `later` — each replaces a non-selected row of a uniformly drawn later step of the window."""
     fresh_optimizer: bool = False
     """Allow a window start without trainer state (hub checkpoints): fresh AdamW with warm-up."""
 
@@ -312,6 +321,10 @@ class Evaluate(Section):
     same_kind_score: float = Field(0.2, gt=0.0, le=1.0)
     """Transfer: a non-target head counts as the unit's kind (e.g. another induction head) when
     its score at the window end in the baseline run reaches this."""
+    role_margin: float = Field(0.1, gt=0.0, le=1.0)
+    """Unit-level view: the role moved from the target head to another head H of its layer when
+    the target's window-end score is below the emergence level, H's is at or above it, and H's
+    exceeds H's own baseline window-end score (same probe seed) by more than this."""
     bootstrap: int = Field(2000, ge=100)
     """Bootstrap resamples for the domain-enrichment intervals."""
     seed: int = Field(0, ge=0)

@@ -26,7 +26,7 @@ from mda.data.stream import Stream
 from mda.deps import code_version
 from mda.errors import MdaError
 from mda.interventions import (StreamEdit, arm_set, augmentation, motif_profile, motif_rows,
-                               removal)
+                               removal, upweighting)
 from mda.io import atomic_dir, clean_debris_in, read_json, write_json
 from mda.locate import checkpoint_metrics, probe_tokens
 from mda.model import TRAINER_STATE, load_model, save_model, step_dir
@@ -62,8 +62,11 @@ def build_edit(arm: str, seed: int, params: Params, sets: pd.DataFrame, target: 
         raise MdaError(f"data/select/sets.parquet: no set {name!r} for arm {arm} seed {seed}; rerun select")
     ids = set(chosen.sample_id.tolist())
     rows = stream.read(start, end - 1, columns=["sample_id", "step", "batch_pos"]).to_pandas()
+    placement, copies = params.retrain.augment_placement, params.retrain.copies
     if arm.startswith("remove"):
         edit = removal(rows, ids, stream.batch_size)
+    elif placement == "upweight" and arm != "augment-synthetic":
+        edit = upweighting(rows, ids, stream.batch_size, copies)
     else:
         table = stream.read(start, end - 1, columns=["sample_id", "step", "input_ids"])
         mask = np.isin(table.column("sample_id").to_numpy(), list(ids))
@@ -73,9 +76,13 @@ def build_edit(arm: str, seed: int, params: Params, sets: pd.DataFrame, target: 
         if arm == "augment-synthetic":
             profile = motif_profile(tokens[:1000])
             tokens = motif_rows(profile, len(tokens), tokens.shape[1], seed)
-        edit = augmentation(rows, list(zip(steps.tolist(), tokens)), ids, end - 1, params.retrain.copies, seed)
+        # New rows have no weight of their own to raise: under `upweight` they go in place.
+        where = "in_place" if placement == "upweight" else placement
+        edit = augmentation(rows, list(zip(steps.tolist(), tokens)), ids, end - 1, copies, seed, where)
         if arm == "augment-synthetic":
             edit.summary["motifs"] = {"spans": int(len(profile["spans"])), "coverage": profile["coverage"]}
+    if arm.startswith("augment"):
+        edit.summary["augment_placement"] = placement  # the params value; `placement`: what this arm did
     edit.summary.update(set=name, set_size=len(ids))
     return edit
 

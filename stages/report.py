@@ -1,4 +1,6 @@
-"""DVC stage `report`: the evaluation as reports/report.md, a self-contained report.html and PNGs."""
+"""DVC stage `report`: the evaluation as reports/report.md, a self-contained reports/report.html
+and the PNGs in reports/figures/ — three outputs, so that other stages may write elsewhere under
+reports/ (e.g. reports/smda/)."""
 
 import subprocess
 from pathlib import Path
@@ -8,8 +10,7 @@ import pandas as pd
 
 from mda.cli import run_stage
 from mda.errors import MdaError
-from mda.io import atomic_dir
-from mda.report import build_report, read_evaluation, write_report
+from mda.report import FIGURES, read_evaluation, write_report
 from mda.tracking import git_commit, repo_root, stage_run
 
 EVALUATE, SCORES, OUT = "data/evaluate", "data/scores/scores.parquet", "reports"
@@ -32,11 +33,11 @@ def main(params):
             scores = pd.read_parquet(SCORES)
         except FileNotFoundError:
             raise MdaError(f"{SCORES}: missing; run the scores stage") from None
-        with atomic_dir(OUT) as tmp:
-            doc = build_report(ev, scores, Path("params.yaml").read_text(),
-                               commit_label(), tmp)
-            write_report(doc, tmp, title=f"mda report: {', '.join(ev['summary']['heads'])}")
-        run.log_artifacts(OUT, artifact_path="report")
+        write_report(ev, scores, Path("params.yaml").read_text(), commit_label(), OUT,
+                     title=f"mda report: {', '.join(ev['summary']['heads'])}")
+        for name in ("report.md", "report.html"):
+            run.log_artifact(f"{OUT}/{name}", artifact_path="report")
+        run.log_artifacts(f"{OUT}/{FIGURES}", artifact_path=f"report/{FIGURES}")
         run.set_tag("missing_runs", ", ".join(ev["summary"]["missing_runs"]) or "none")
 
 

@@ -67,3 +67,11 @@ def test_quick_preset_is_a_complete_params_file():
     preset = yaml.safe_load((REPO / "presets/quick.yaml").read_text())
     assert set(preset) == set(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert load_params(REPO / "presets/quick.yaml").corpus.steps == 200
+
+
+def test_power_preset_is_the_default_with_19_random_sets():
+    default = yaml.safe_load((REPO / "params.yaml").read_text())
+    power = yaml.safe_load((REPO / "presets/power.yaml").read_text())
+    assert power["retrain"]["seeds"] == list(range(19))
+    power["retrain"]["seeds"] = default["retrain"]["seeds"]
+    assert power == default

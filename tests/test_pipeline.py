@@ -2,6 +2,7 @@
 partial retrain matrix and a `dvc exp run` ablation on top of it."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,17 +37,27 @@ def test_dvc_repro_quick_preset_runs_every_stage(quick_repo):
     assert set(stages) == {"corpus", "checkpoints", "locate", "factors", "gradients", "scores", "select",
                            "retrain", "evaluate", "report"}
     assert len(set(stages.values())) == 1, "stages of one dvc repro share a pipeline id"
-    assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 5 * 3  # every arm × seed
+    assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 6 * 3  # every arm × seed
     assert json.loads((quick_repo / "data/retrain/baseline/meta.json").read_text())["reproduces_original"]
+    for arm in ("augment-top", "augment-random-0", "augment-synthetic-2"):  # the placement is on record
+        edit = json.loads((quick_repo / f"data/retrain/{arm}/meta.json").read_text())["edit"]
+        assert edit["placement"] == edit["augment_placement"] == "in_place"
     effects = pd.read_parquet(quick_repo / "data/evaluate/effects.parquet")
-    assert len(effects) == 5 * 3 and set(effects.arm) == {"baseline", "remove-top", "augment-top",
-                                                          "remove-random", "augment-random"}
+    assert len(effects) == 6 * 3 and set(effects.arm) == {"baseline", "remove-top", "augment-top", "remove-random",
+                                                          "augment-random", "augment-synthetic"}
+    tests = pd.read_parquet(quick_repo / "data/evaluate/tests.parquet")
+    assert set(tests.arm) == {"remove-top", "augment-top", "augment-synthetic"} and set(tests.test) == {"t"}
+    assert set(pd.read_parquet(quick_repo / "data/evaluate/unit_effects.parquet").level) == {"head", "layer", "model"}
     assert (effects[effects.arm == "baseline"].delta_score == 0).all()
     metrics = json.loads((quick_repo / "metrics/evaluate.json").read_text())
     window_samples = json.loads((quick_repo / "data/select/meta.json").read_text())["window_samples"]
     assert metrics["missing_runs"] == 0 and metrics["k"] == round(params.select.fraction * window_samples)
     page = (quick_repo / "reports/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 and "Answer" in page
+    assert page.count("data:image/png;base64,") == 7 and "Answer" in page
+    markdown = (quick_repo / "reports/report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(links) == 7 and all((quick_repo / "reports" / link).is_file() for link in links)
+    assert sorted(p.name for p in (quick_repo / "reports").iterdir()) == ["figures", "report.html", "report.md"]
     evaluate_run = next(r for r in runs if r.data.tags["stage"] == "evaluate")
     assert "k" in evaluate_run.data.metrics
     # The per-arm trajectories render through the repo's plot template, without field errors.
@@ -67,7 +78,7 @@ def test_report_names_a_missing_arm_and_evaluates_the_rest(quick_repo, tmp_path)
         res = run_stage(repo, stage)
         assert res.returncode == 0, res.stderr
     effects = pd.read_parquet(repo / "data/evaluate/effects.parquet")
-    assert len(effects) == 14 and not ((effects.arm == "augment-random") & (effects.seed == 1)).any()
+    assert len(effects) == 17 and not ((effects.arm == "augment-random") & (effects.seed == 1)).any()
     assert json.loads((repo / "metrics/evaluate.json").read_text())["missing_runs"] == 1
     assert "Missing runs (not evaluated, not filled in): augment-random seed 1" in (repo / "reports/report.md").read_text()
     shutil.rmtree(repo / "data/retrain/baseline")
