@@ -293,7 +293,8 @@ class Retrain(Section):
     becomes 1 + `copies`, nothing else changes (`augment-synthetic`'s new rows go `in_place`);
     `later` — each replaces a non-selected row of a uniformly drawn later step of the window."""
     fresh_optimizer: bool = False
-    """Allow a window start without trainer state (hub checkpoints): fresh AdamW with warm-up."""
+    """Allow a window start without trainer state (hub checkpoints): fresh AdamW moments at the
+    schedule's learning rate for that step (exact at step 0, where Pythia's optimizer starts too)."""
 
     @model_validator(mode="after")
     def _arm_kinds(self):

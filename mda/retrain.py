@@ -99,9 +99,14 @@ def start_trainer(params: Params, checkpoints: str | os.PathLike, start: int, rt
     if not params.retrain.fresh_optimizer:
         raise MdaError(f"{path / TRAINER_STATE}: missing — the window start has no optimizer state "
                        "(hub checkpoints never do); set retrain.fresh_optimizer: true to retrain with a "
-                       "fresh AdamW and warm-up instead (flagged in the run)")
+                       "fresh AdamW at the schedule's learning rate instead (flagged in the run; exact at step 0)")
     model = load_model(path)
-    return Trainer(model, params.pretrain, total_steps=params.pretrain.warmup_steps + 10 ** 9, rt=rt), True
+    # Fresh AdamW moments, the learning rate the schedule has at `start` (exact at step 0, where
+    # Pythia's optimizer starts fresh too).
+    total = params.pretrain.total_steps or params.pretrain.warmup_steps + 10 ** 9
+    trainer = Trainer(model, params.pretrain, total_steps=total, rt=rt)
+    trainer.seek(start)
+    return trainer, True
 
 
 def arm_identity(params: Params, arm: str, seeds: list[int], edit: StreamEdit, checkpoints, stream: Stream,

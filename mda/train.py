@@ -130,6 +130,11 @@ class Trainer:
         for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             g.copy_(synced)
 
+    def seek(self, step: int) -> None:
+        """Make the next update use the learning rate the schedule gives update `step`."""
+        self.scheduler.last_epoch = step - 1
+        self.scheduler.step()
+
     def state_dict(self, next_step: int) -> dict:
         return {
             "next_step": next_step,  # the data cursor: the stream step to consume next

@@ -37,7 +37,7 @@ LOSS = "next-token cross-entropy, true labels, summed over the sequence's tokens
 def gradient_identity(inf: Influence, s: Setup, stream: Stream) -> dict:
     return {"checkpoint": s.checkpoint, "stream": stream_key(stream, *s.window), "blocks": s.blocks_key(),
             "projection": [inf.projection, inf.projection_seed] if inf.projection else None,
-            "dtype": inf.dtype, "loss": LOSS, "code": code_version("mda.influence.gradients")}
+            "dtype": inf.dtype, "mode": inf.mode, "loss": LOSS, "code": code_version("mda.influence.gradients")}
 
 
 def batch_gradients(s: Setup, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,13 +92,14 @@ def cache_gradients(inf: Influence, s: Setup, stream: Stream, out: Path) -> tupl
     manifest is the same bytes however many shards a rerun reused.)"""
     out, rt = Path(out), s.rt
     first, last = s.window
-    plan = shard_plan(first, last, max(1, inf.shard_samples // stream.batch_size))
+    # Streaming mode scores without a cache (at Pythia's sizes one would take terabytes).
+    plan = [] if inf.mode == "streaming" else shard_plan(first, last, max(1, inf.shard_samples // stream.batch_size))
     identity = gradient_identity(inf, s, stream)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         clean_debris_in(out)  # a killed run's half-written shards, whichever process wrote them
         for stale in set(out.glob("shard-*.parquet")) - {out / f"shard-{i:05d}.parquet" for i in range(len(plan))}:
-            stale.unlink()  # from an earlier, longer window
+            stale.unlink()  # from an earlier, longer window, or a cache streaming mode does not use
     rt.barrier()
     dtype = np.float16 if inf.dtype == "float16" else np.float32
     mine = rt.shard(len(plan))
@@ -126,7 +127,7 @@ def cache_gradients(inf: Influence, s: Setup, stream: Stream, out: Path) -> tupl
               f"({'; '.join(reasons)}); recomputed", flush=True)
     shards = [{"file": f"shard-{i:05d}.parquet", "first_step": a, "last_step": b,
                "samples": (b - a + 1) * stream.batch_size} for i, (a, b) in enumerate(plan)]
-    manifest = {"step": s.step, "window": list(s.window), "heads": [h.name for h in s.heads],
+    manifest = {"mode": inf.mode, "step": s.step, "window": list(s.window), "heads": [h.name for h in s.heads],
                 "blocks": inf.blocks, "shapes": {b.name: grad_shape(s, b) for b in s.all_blocks},
                 "dtype": inf.dtype, "identity": identity,
                 "projection": {"rank": inf.projection, "seed": inf.projection_seed} if inf.projection else None,
