@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from mda.config import Evaluate
 from mda.evaluate import (arm_summary, domain_enrichment, icl_coupling, run_effects, targeted_vs_random,
@@ -46,20 +47,46 @@ def scores():
                          "domain": ["junk"] * 300 + ["prose"] * 700})
 
 
+def icl_verdict(ev: dict) -> str:
+    (line,) = [v for v in verdicts(ev) if v.startswith("In-context learning moves with the head")]
+    return line
+
+
 def test_verdicts_follow_the_numbers():
     delayed = " ".join(verdicts(evaluation(remove_top_onset=1500)))
     assert "Removing the top-k set delays emergence more than removing a random set: **in the hypothesised " \
            "direction, not significant**" in delayed
     assert "p = 0.25 (the smallest possible with 3 random sets: 0.25)" in delayed
     assert "Duplicating the top-k set advances emergence more than duplicating a random set: **not tested**" in delayed
-    # weaker head, less ICL — but over 2 trained models only (remove-top once, remove-random ×3 = 4)
-    assert "In-context learning moves with the head: **" in delayed
-    assert "Over 4 trained models, Pearson r between Δ target score and ICL gain at the window end = +1.00" \
-        in delayed
-    opposite = " ".join(verdicts(evaluation(remove_top_onset=1500, icl_end=-2.2)))
-    assert "In-context learning moves with the head: **not shown**" in opposite
     advanced = " ".join(verdicts(evaluation(remove_top_onset=1100)))
     assert "removing a random set: **not shown**" in advanced
+    # Weaker head, less ICL: remove-top (trained once) and the 3 remove-random models, which end
+    # level with the baseline (Δ score 0, ICL gain 0): r = +1 over 4 models, p = 0 — supported.
+    assert icl_verdict(evaluation(remove_top_onset=1500)).startswith(
+        "In-context learning moves with the head: **supported**. Over 4 trained models, Pearson r between "
+        "Δ target score and ICL gain at the window end = +1.00 (one-sided p = 0); both move the same way in "
+        "100% of `remove-top`, 100% of `remove-random` seeds.")
+    # Weaker head, *more* ICL: r = −1.
+    assert icl_verdict(evaluation(remove_top_onset=1500, icl_end=-2.2)).startswith(
+        "In-context learning moves with the head: **not shown**. Over 4 trained models, Pearson r between "
+        "Δ target score and ICL gain at the window end = -1.00 (one-sided p = 1); both move the same way in "
+        "0% of `remove-top`")
+
+
+@pytest.mark.parametrize("r, p, agreement, state", [
+    (0.3, 0.05, {"remove-top": 0.5, "remove-random": 0.0}, "supported"),  # p ≤ 0.05; untargeted arms don't count
+    (0.3, 0.0501, {"remove-top": 1.0}, "in the hypothesised direction, not significant"),
+    (0.3, 0.01, {"remove-top": 1.0, "augment-top": 0.4}, "not shown"),  # a targeted arm disagrees
+    (0.0, 0.01, {"remove-top": 1.0}, "not shown"),                       # r must be > 0
+    (-0.3, 0.01, {"remove-top": 1.0}, "not shown"),
+    (float("nan"), float("nan"), {"remove-top": 1.0}, "not tested"),
+])
+def test_icl_verdict_rule_on_both_sides_of_each_threshold(r, p, agreement, state):
+    """The rule: supported ⇔ r > 0, every targeted arm's sign agreement ≥ ½ and p ≤ 0.05; in the
+    hypothesised direction ⇔ the same without p; not tested without a finite r."""
+    ev = evaluation(remove_top_onset=1500)
+    ev["summary"]["icl_coupling"] = {"pearson_r": r, "p_value": p, "models": 9, "sign_agreement": agreement}
+    assert icl_verdict(ev).startswith(f"In-context learning moves with the head: **{state}**")
 
 
 def test_report_names_missing_runs_and_embeds_every_image(tmp_path):
