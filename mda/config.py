@@ -112,10 +112,14 @@ class Corpus(Section):
 
 
 # ----------------------------------------------------------------------------- model
+PythiaSize = Literal["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
+"""The sizes EleutherAI published (`EleutherAI/pythia-<size>`)."""
+
+
 class HubModel(Section):
     """Pythia checkpoints from the Hugging Face hub (no optimizer state is published)."""
 
-    size: str = "14m"
+    size: PythiaSize = "14m"
     """Pythia size: 14m, 31m, 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b, 12b."""
     deduped: bool = False
     revisions: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, 128,
@@ -379,10 +383,12 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None or raw == {}:  # empty, only comments, or `{}`: never run silently on defaults
+        raise ConfigError(f"{path}: empty (no sections); every stage reads its settings from this file")
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     try:
-        return Params.model_validate(raw or {})
+        return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{path}: {_describe(err)}") from None
 

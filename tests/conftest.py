@@ -111,9 +111,13 @@ def tiny_model(seed):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    return GPTNeoXForCausalLM(GPTNeoXConfig(
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=32))
+    with torch.no_grad():  # peaked attention, different in every head (the init's is near uniform)
+        for block in model.gpt_neox.layers:
+            block.attention.query_key_value.weight.add_(torch.randn_like(block.attention.query_key_value.weight))
+    return model
 
 
 def add_revision(cache, revision, saved):

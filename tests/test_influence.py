@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -170,6 +171,77 @@ def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
     # exact inverse is NOT met on this model (see the closing note); this guards what we have.
     assert rho > rho_identity + 0.3
     assert rho >= 0.8 and rho_blockwise >= 0.9
+
+
+# ----------------------------------------------------------------------------- sign and scale, end to end
+def test_scores_from_cache_predict_what_a_preconditioned_step_on_the_sample_does_to_the_probe(tmp_path, tiny_params):
+    """The scores stage's own path (factors → gradient shards → H⁻¹∇f → `scores_from_cache`)
+    against the definition its sign convention states: one step −η H⁻¹∇L(z) on the head's blocks
+    changes the probe by η · score(z). Checked by a central finite difference of the probe along
+    that step, with ∇L(z) from a plain backward of the sample's summed cross-entropy: the highest-
+    and lowest-scored samples' steps raise and lower the probe by their scores. H⁻¹ is the fitted
+    factors' (checked against the explicit Fisher and kronfluence by the tests above and in
+    test_kronfluence_agreement.py); what this pins is everything around it — sign, scale, the
+    head's rows, the shards' storage and the block sum."""
+    from mda.data.corpus import build_corpus
+    from mda.data.stream import Stream
+    from mda.influence.scoring import (cache_gradients, fit_factors, load_factors, preconditioned_probe,
+                                       scores_from_cache, setup)
+    from mda.config import ProbeSettings
+    from mda.locate import probe_tokens
+    from mda.model import load_model, neox_config, new_model, save_model, step_dir
+
+    vocab = build_corpus(tiny_params.corpus, tmp_path / "corpus")["vocab_size"]
+    stream = Stream(tmp_path / "corpus" / "stream")
+    model = new_model(neox_config(tiny_params.model, vocab), seed=0)
+    with torch.no_grad():  # peaked, head-specific attention rather than near-uniform init
+        for block in model.gpt_neox.layers:
+            block.attention.query_key_value.weight.add_(0.3 * torch.randn_like(block.attention.query_key_value.weight))
+    save_model(model, step_dir(tmp_path / "ckpts", 12))
+    head = Head(1, 0)
+    targets = {"unit": "induction", "heads": [{"name": head.name, "layer": 1, "head": 0}],
+               "window": {"start": 0, "end": 12}, "influence_step": 12}
+    inf = Influence(factor_samples=0, batch_size=16, probe_sequences=4, probe_half_len=8)
+    s = setup(inf, tmp_path / "ckpts", targets, dtype=torch.float64)
+    fit_factors(inf, s, stream, tmp_path / "factors")
+    factors = load_factors(tmp_path / "factors", s)
+    cache_gradients(inf, s, stream, tmp_path / "gradients")
+    scores = scores_from_cache(s, tmp_path / "gradients", preconditioned_probe(inf, s, factors))
+    assert len(scores) == 48 and (scores.score > 0).any() and (scores.score < 0).any()
+
+    fresh = load_model(step_dir(tmp_path / "ckpts", 12), dtype=torch.float64)
+    tokens = probe_tokens(ProbeSettings(sequences=4, half_len=8, seed=inf.probe_seed), fresh.config, None)
+    rows = stream.read(0, 11, columns=["sample_id", "input_ids"]).to_pandas().set_index("sample_id")
+    blocks = head_blocks(fresh.config, head)
+    for z in (scores.score.idxmax(), scores.score.idxmin()):
+        sample, score = int(scores.sample_id[z]), float(scores.score[z])
+        ids = torch.tensor(rows.input_ids[sample], dtype=torch.long)
+        fresh.zero_grad()
+        F.cross_entropy(fresh(input_ids=ids[None, :-1]).logits[0], ids[1:], reduction="sum").backward()
+        step = {}  # −H⁻¹∇L(z), laid into each block's rows / columns of its module's weight
+        for b in blocks:
+            weight = b.linear(fresh).weight
+            full = torch.zeros_like(weight)
+            direction = -factors[b.name].precondition(b.slice_grad(weight.grad))
+            if b.out_index:
+                full[list(b.out_index)] = direction
+            else:
+                full[:, list(b.in_index)] = direction
+            step[b.module] = step.get(b.module, 0) + full
+        eta = 1e-3 / max(v.abs().max().item() for v in step.values())
+
+        def probe_after(scale):
+            with torch.no_grad():
+                for module, delta in step.items():
+                    getattr(fresh.gpt_neox.layers[head.layer].attention, module).weight.add_(scale * eta * delta)
+                value = PROBES["induction"](fresh, tokens, head).item()
+                for module, delta in step.items():
+                    getattr(fresh.gpt_neox.layers[head.layer].attention, module).weight.sub_(scale * eta * delta)
+            return value
+
+        before, up, down = probe_after(0), probe_after(1), probe_after(-1)
+        assert (up - down) / (2 * eta) == pytest.approx(score, rel=1e-4), sample  # measured: ≤ 1e-5
+        assert np.sign(up - before) == np.sign(score) and np.sign(before - down) == np.sign(score)
 
 
 # ----------------------------------------------------------------------------- the stages

@@ -55,25 +55,37 @@ def test_removal_zeroes_exactly_the_selected_rows():
     assert edit.edited_steps().tolist() == [0, 1, 1]  # samples 1, 6, 7 sit at steps 0, 1, 1
 
 
-def test_masked_sample_gives_the_gradient_of_a_zero_weight_padding_row():
+def test_removed_sample_contributes_nothing_and_leaves_the_other_rows_alone():
+    """Removal masks a sample through its loss weight (`removal` → `mda.train.batch_loss`, what
+    every training step runs): the batch's gradient is, whatever the masked row holds, that of
+    the other rows' summed token losses over the unchanged normaliser (all B × T target tokens),
+    computed here one row at a time with a plain cross-entropy."""
+    import torch.nn.functional as F
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from mda.train import batch_loss
 
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=32))
+                                             num_attention_heads=2, intermediate_size=32)).eval()
     ids = torch.randint(1, 30, (B, 9))
-    w = torch.from_numpy(removal(stream_rows(), {2}, B).weights[0])
-    padded = ids.clone()
-    padded[2] = 0
-    grads = []
-    for batch in (ids, padded):
+    w = torch.from_numpy(removal(stream_rows(), {2}, B).weights[0])  # sample 2: step 0, batch position 2
+    assert w.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+    def gradient(loss_of):
         model.zero_grad()
-        batch_loss(model, batch, w).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+        loss_of().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    masked = gradient(lambda: batch_loss(model, ids, w))
+    for filler in (torch.zeros(9, dtype=ids.dtype), torch.randint(1, 30, (9,))):  # padding, other text
+        other = ids.clone()
+        other[2] = filler
+        assert torch.equal(gradient(lambda: batch_loss(model, other, w)), masked)
+    targets = B * (ids.shape[1] - 1)
+    kept = lambda: sum(F.cross_entropy(model(input_ids=ids[r:r + 1, :-1]).logits[0], ids[r, 1:], reduction="sum")
+                       for r in (0, 1, 3)) / targets
+    torch.testing.assert_close(masked, gradient(kept), rtol=1e-5, atol=1e-7 * masked.abs().max().item())
 
 
 def test_later_placement_keeps_shapes_and_only_replaces_later_unselected_rows():

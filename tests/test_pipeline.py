@@ -7,11 +7,11 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-from mlflow.tracking import MlflowClient
-
+import numpy as np
 import pandas as pd
+import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from mda.config import load_params
 from mda.model import load_model, load_trainer_state, saved_steps
@@ -87,6 +87,30 @@ def test_report_names_a_missing_arm_and_evaluates_the_rest(quick_repo, tmp_path)
         "error: data/retrain/baseline: missing; every effect is measured against the baseline run")
 
 
+def baseline_emergence(repo, threshold: float) -> float:
+    """Mean over probe seeds of the first step at which the baseline's target score reaches
+    `threshold` × its window-end value, linearly interpolated — by an explicit loop over
+    `data/retrain/baseline/trajectory.parquet`."""
+    targets = json.loads((repo / "data/locate/targets.json").read_text())
+    heads = {(h["layer"], h["head"]) for h in targets["heads"]}
+    end = targets["window"]["end"]
+    traj = pd.read_parquet(repo / "data/retrain/baseline/trajectory.parquet")
+    traj = traj[[(l, h) in heads for l, h in zip(traj.layer, traj["head"])]]
+    steps_of_seeds = []
+    for _, g in traj.groupby("seed"):
+        curve = g.groupby("step")[targets["metric"]].mean().sort_index()
+        steps, scores = curve.index.to_list(), curve.to_list()
+        level = threshold * float(np.interp(end, steps, scores))
+        crossing = float("nan")
+        for i, (step, score) in enumerate(zip(steps, scores)):
+            if score >= level:
+                crossing = step if i == 0 else \
+                    steps[i - 1] + (level - scores[i - 1]) / (score - scores[i - 1]) * (step - steps[i - 1])
+                break
+        steps_of_seeds.append(crossing)
+    return float(np.mean(steps_of_seeds))
+
+
 @pytest.mark.slow
 def test_dvc_exp_run_gives_a_comparable_row_and_mlflow_group(quick_repo, tmp_path):
     repo = tmp_path / "exp"
@@ -95,19 +119,32 @@ def test_dvc_exp_run_gives_a_comparable_row_and_mlflow_group(quick_repo, tmp_pat
                                     check=True, capture_output=True)
     git("add", "-A")
     git("commit", "-qm", "quick run")
-    res = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-n", "thr60", "-S", "evaluate.threshold=0.6"],
+    # On the quick preset the baseline starts the window above 60 % of its end score (no head forms
+    # in 200 steps), so only a threshold near 1 moves its emergence step: 95 % does, 64 → ~105.
+    res = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-n", "thr95", "-S", "evaluate.threshold=0.95"],
                          cwd=repo, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
                            text=True)
-    assert res.returncode == 0, shown.stderr
+    assert shown.returncode == 0, shown.stderr
     table = json.loads(shown.stdout)
-    exps = [e for row in table for e in (row.get("experiments") or [])]
-    names = [e["name"] for e in exps]
-    assert names == ["thr60"]
-    exp_metrics = exps[0]["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
-    assert exp_metrics["k"] == json.loads((repo / "metrics/evaluate.json").read_text())["k"]
-    tagged = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc_exp") == "thr60"]
+    (commit,) = [row for row in table if row.get("experiments")]
+    exps = commit["experiments"]
+    assert [e["name"] for e in exps] == ["thr95"]
+    exp = exps[0]["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["evaluate"]["threshold"] == 0.95
+    exp_metrics = exp["metrics"]["metrics/evaluate.json"]["data"]
+    workspace_metrics = json.loads((quick_repo / "metrics/evaluate.json").read_text())  # the run before the change
+    committed = commit["data"]["metrics"]["metrics/evaluate.json"]["data"]  # the row to compare with
+    assert committed["baseline"] == workspace_metrics["baseline"] and committed["arms"] == workspace_metrics["arms"]
+    # The threshold moves the baseline's emergence step: recomputed here from the baseline's own
+    # trajectory (the experiment's, unchanged by it), for both thresholds.
+    assert workspace_metrics["baseline"]["emergence_step"] == pytest.approx(baseline_emergence(quick_repo, 0.5))
+    assert exp_metrics["baseline"]["emergence_step"] == pytest.approx(baseline_emergence(repo, 0.95))
+    assert exp_metrics["baseline"]["emergence_step"] > workspace_metrics["baseline"]["emergence_step"] + 10, \
+        "the experiment must change the metric it is compared on"
+    assert exp_metrics["k"] == workspace_metrics["k"]  # what the threshold does not touch stays
+    tagged = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc_exp") == "thr95"]
     assert {r.data.tags["stage"] for r in tagged} == {"evaluate", "report"}  # only what the change reran
     assert len({r.data.tags["pipeline_id"] for r in tagged}) == 1
 

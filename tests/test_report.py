@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from mda.config import Evaluate
 from mda.evaluate import (arm_summary, domain_enrichment, icl_coupling, role_summary, run_effects,
@@ -81,6 +82,23 @@ def test_verdicts_follow_the_numbers():
            "agreement in every targeted arm; r = -1.00 ≤ 0, `remove-top` had 0%" in opposite
     advanced = answer(evaluation(remove_top_onset=1100))
     assert "removing a random set: **not shown** — the rule needs emergence later than the baseline" in advanced
+
+
+@pytest.mark.parametrize("r, p, agreement, state", [
+    (0.3, 0.05, {"remove-top": 0.5, "remove-random": 0.0}, "supported"),  # p ≤ 0.05; untargeted arms don't count
+    (0.3, 0.0501, {"remove-top": 1.0}, "in the hypothesised direction, not significant"),
+    (0.3, 0.01, {"remove-top": 1.0, "augment-top": 0.4}, "not shown"),  # a targeted arm disagrees
+    (0.0, 0.01, {"remove-top": 1.0}, "not shown"),                       # r must be > 0
+    (-0.3, 0.01, {"remove-top": 1.0}, "not shown"),
+    (float("nan"), float("nan"), {"remove-top": 1.0}, "not tested"),
+])
+def test_icl_verdict_rule_on_both_sides_of_each_threshold(r, p, agreement, state):
+    """The rule: supported ⇔ r > 0, every targeted arm's sign agreement ≥ ½ and p ≤ 0.05; in the
+    hypothesised direction ⇔ the same without p; not tested without a finite r."""
+    ev = evaluation(remove_top_onset=1500)
+    ev["summary"]["icl_coupling"] = {"pearson_r": r, "p_value": p, "models": 9, "sign_agreement": agreement}
+    (line,) = [v.sentence() for v in verdicts(ev) if v.sentence().startswith("In-context learning moves with the head")]
+    assert line.startswith(f"In-context learning moves with the head: **{state}**")
 
 
 def test_report_names_missing_runs_and_embeds_every_image(tmp_path):
