@@ -35,11 +35,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
         dtype = _compute_dtype(hidden)
-        losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # losses: at least float32
+        losses = torch.empty(len(hidden), dtype=acc, device=hidden.device)
         lse = torch.empty_like(losses)
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, len(hidden), chunk):
-                logits = _logits(hidden[i:i + chunk], weight, bias, dtype).float()
+                logits = _logits(hidden[i:i + chunk], weight, bias, dtype).to(acc)
                 lse[i:i + chunk] = torch.logsumexp(logits, -1)
                 losses[i:i + chunk] = lse[i:i + chunk] - logits.gather(-1, targets[i:i + chunk, None])[:, 0]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -51,18 +52,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        acc = lse.dtype
+        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
         with torch.autocast(hidden.device.type, enabled=False):
             for i in range(0, len(hidden), chunk):
                 h = hidden[i:i + chunk]
-                probs = torch.exp(_logits(h, weight, bias, dtype).float() - lse[i:i + chunk, None])
+                probs = torch.exp(_logits(h, weight, bias, dtype).to(acc) - lse[i:i + chunk, None])
                 probs[torch.arange(len(h), device=h.device), targets[i:i + chunk]] -= 1.0
-                g = probs * grad_losses[i:i + chunk, None].float()  # dL/dlogits
+                g = probs * grad_losses[i:i + chunk, None].to(acc)  # dL/dlogits
                 if grad_hidden is not None:
                     grad_hidden[i:i + chunk] = (g.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += (g.to(dtype).T @ h.to(dtype)).float()
+                    grad_weight += (g.to(dtype).T @ h.to(dtype)).to(acc)
                 if grad_bias is not None:
                     grad_bias += g.sum(0)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -117,7 +119,7 @@ def sampled_sequence_losses(model, ids: torch.Tensor, generator: torch.Generator
     head = model.get_output_embeddings()
     hidden, chunk = final_hidden(model, inputs), _chunk(head.out_features, budget)
     with torch.no_grad():
-        targets = torch.cat([_sample(head(hidden[i:i + chunk]).float(), generator)
+        targets = torch.cat([_sample(as_float(head(hidden[i:i + chunk])), generator)
                              for i in range(0, len(hidden), chunk)])
     return ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk).view(batch, -1).sum(-1)
 

@@ -162,16 +162,19 @@ def test_two_rank_influence_equals_one_process(trained_repo, tmp_path):
 
 # ----------------------------------------------------------------------------- bf16
 @pytest.mark.slow
-def test_bf16_autocast_scores_rank_like_float32(trained_repo, tmp_path):
-    scores = {}
-    for dtype in ("float32", "bfloat16"):
-        repo = tmp_path / dtype
-        shutil.copytree(trained_repo, repo, symlinks=True)
-        set_params(repo, {"compute": {"dtype": dtype}, "influence": {"factor_samples": 0}})
-        for stage in ("locate", "factors", "gradients", "scores"):
-            res = run_stage(repo, stage)
-            assert res.returncode == 0, (dtype, stage, res.stderr[-2000:])
-        scores[dtype] = pd.read_parquet(repo / "data/scores/scores.parquet")
-    rho = spearman(scores["float32"].score, scores["bfloat16"].score)
-    print(f"\n[bf16] Spearman(bf16, float32) over {len(scores['float32'])} samples = {rho:.4f}")
+def test_bf16_autocast_scores_rank_like_float32(quick_repo, tmp_path):
+    """factors → gradients → scores under bf16 autocast on CPU against the quick preset's float32
+    scores. (On the 12-step tiny model, which has learnt almost nothing, scores are mostly noise
+    and rank at Spearman ≈ 0.95; a trained model is what the comparison is about.)"""
+    repo = tmp_path / "bf16"
+    shutil.copytree(quick_repo, repo, symlinks=True)
+    set_params(repo, {"compute": {"dtype": "bfloat16"}})
+    for stage in ("factors", "gradients", "scores"):
+        res = run_stage(repo, stage)
+        assert res.returncode == 0, (stage, res.stderr[-2000:])
+    fp32 = pd.read_parquet(quick_repo / "data/scores/scores.parquet")
+    bf16 = pd.read_parquet(repo / "data/scores/scores.parquet")
+    assert list(fp32.sample_id) == list(bf16.sample_id)
+    rho = spearman(fp32.score, bf16.score)
+    print(f"\n[bf16] Spearman(bf16, float32) over {len(fp32)} samples = {rho:.4f}")
     assert rho >= 0.99

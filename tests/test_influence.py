@@ -185,9 +185,12 @@ def test_scores_from_cache_predict_what_a_preconditioned_step_on_the_sample_does
     head's rows, the shards' storage and the block sum."""
     from mda.data.corpus import build_corpus
     from mda.data.stream import Stream
-    from mda.influence.scoring import (cache_gradients, fit_factors, load_factors, preconditioned_probe,
-                                       scores_from_cache, setup)
+    from mda.compute import Runtime
     from mda.config import ProbeSettings
+    from mda.influence.factors import fit_factors, load_factors
+    from mda.influence.gradients import cache_gradients
+    from mda.influence.scoring import preconditioned_probe, scores_from_cache
+    from mda.influence.window import setup
     from mda.locate import probe_tokens
     from mda.model import load_model, neox_config, new_model, save_model, step_dir
 
@@ -202,11 +205,12 @@ def test_scores_from_cache_predict_what_a_preconditioned_step_on_the_sample_does
     targets = {"unit": "induction", "heads": [{"name": head.name, "layer": 1, "head": 0}],
                "window": {"start": 0, "end": 12}, "influence_step": 12}
     inf = Influence(factor_samples=0, batch_size=16, probe_sequences=4, probe_half_len=8)
-    s = setup(inf, tmp_path / "ckpts", targets, dtype=torch.float64)
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, micro_batch=None, threads=1)
+    s = setup(inf, tmp_path / "ckpts", targets, rt, dtype=torch.float64)
     fit_factors(inf, s, stream, tmp_path / "factors")
     factors = load_factors(tmp_path / "factors", s)
     cache_gradients(inf, s, stream, tmp_path / "gradients")
-    scores = scores_from_cache(s, tmp_path / "gradients", preconditioned_probe(inf, s, factors))
+    scores = scores_from_cache(inf, s, stream, tmp_path / "gradients", preconditioned_probe(inf, s, factors))
     assert len(scores) == 48 and (scores.score > 0).any() and (scores.score < 0).any()
 
     fresh = load_model(step_dir(tmp_path / "ckpts", 12), dtype=torch.float64)

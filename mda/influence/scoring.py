@@ -94,17 +94,24 @@ def scores_streaming(inf: Influence, s: Setup, stream: Stream, vectors: dict[str
     bar = tqdm(total=sum(batches.size(i) for i in mine), desc="scores (streaming)", unit="sample",
                disable=not s.rt.is_main)
     for _, ids, meta in batches.read(stream, mine):
-        grads = batch_gradients(s, ids)
         sample_ids = meta.column("sample_id").to_numpy()
-        for b in s.all_blocks:
-            # Stored as the cache would store it, so both modes score the same numbers.
-            g = grads[b.name].reshape(len(ids), -1).to(torch.float32).cpu().numpy()
-            g = g.astype(np.float16 if inf.dtype == "float16" else np.float32, copy=False)
-            parts.append(pd.DataFrame({"sample_id": sample_ids, "head": b.name.split("/")[0],
-                                       "score": -(g.astype(np.float64) @ vectors[b.name].reshape(-1).numpy())}))
+        for name, score in score_batch(inf, s, ids, vectors).items():
+            parts.append(pd.DataFrame({"sample_id": sample_ids, "head": name.split("/")[0], "score": score}))
         bar.update(len(ids))
     bar.close()
     return _gathered(s, parts)
+
+
+def score_batch(inf: Influence, s: Setup, ids: torch.Tensor, vectors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per block, −⟨g, H⁻¹∇f⟩ of each row of `ids`: one backward pass, the gradients rounded as
+    the cache would store them (so both modes score the same numbers), float64 dot products."""
+    grads = batch_gradients(s, ids)
+    out = {}
+    for b in s.all_blocks:
+        g = grads[b.name].reshape(len(ids), -1).to(torch.float32).cpu().numpy()
+        g = g.astype(np.float16 if inf.dtype == "float16" else np.float32, copy=False)
+        out[b.name] = -(g.astype(np.float64) @ vectors[b.name].reshape(-1).numpy())
+    return out
 
 
 def _gathered(s: Setup, parts: list[pd.DataFrame]) -> pd.DataFrame:

@@ -56,10 +56,13 @@ class Setup:
         return value_digest([[b.name, b.layer, b.module, b.out_index, b.in_index] for b in self.all_blocks])
 
 
-def setup(inf: Influence, checkpoints: str | os.PathLike, targets: dict, rt: Runtime) -> Setup:
+def setup(inf: Influence, checkpoints: str | os.PathLike, targets: dict, rt: Runtime,
+          dtype: torch.dtype = torch.float32) -> Setup:
+    """The influence checkpoint's model (weights in `dtype`; float64 in exactness tests) on the
+    runtime's device, the target heads' blocks, the window and the probe."""
     step = int(targets["influence_step"])
     path = step_dir(checkpoints, step)
-    model = load_model(path).to(rt.device)
+    model = rt.prepare(load_model(path, dtype=dtype))
     heads = []
     for h in targets["heads"]:
         head = Head(int(h["layer"]), int(h["head"]))
