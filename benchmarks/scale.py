@@ -118,9 +118,10 @@ def bench_training(size: str, rt, batch: int, repeats: int) -> dict:
 
     trainer = Trainer(build(size, rt), Pretrain(warmup_steps=10), total_steps=1000, rt=rt)
     ids = rows(batch, 0)
-    seconds = timed(rt, lambda: trainer.step(ids), warmup=1, repeats=repeats)
+    losses = []
+    seconds = timed(rt, lambda: losses.append(trainer.step(ids)), warmup=1, repeats=repeats)
     return {"batch_rows": batch, "micro_batch": rt.micro_batch, "repeats": repeats, "seconds": seconds,
-            "tokens_per_s": batch * ROW_TOKENS * repeats / seconds}
+            "tokens_per_s": batch * ROW_TOKENS * repeats / seconds, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 def measure(args) -> dict:

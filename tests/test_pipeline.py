@@ -149,6 +149,42 @@ def test_dvc_exp_run_gives_a_comparable_row_and_mlflow_group(quick_repo, tmp_pat
     assert len({r.data.tags["pipeline_id"] for r in tagged}) == 1
 
 
+@pytest.mark.slow
+def test_queued_experiments_run_two_at_a_time_into_one_mlflow_store(quick_repo, tmp_path):
+    """`dvc exp run --queue` twice, `dvc queue start -j 2`: both complete, both rows in `dvc exp
+    show`, both groups of runs in the repository's one sqlite store, none failed."""
+    import time
+
+    repo = tmp_path / "queue"
+    shutil.copytree(quick_repo, repo, symlinks=True)
+    git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo,
+                                    check=True, capture_output=True)
+    git("add", "-A")
+    git("commit", "-qm", "quick run")
+    dvc = lambda *a: subprocess.run([sys.executable, "-m", "dvc", *a], cwd=repo, capture_output=True, text=True)
+    names = {"q70": "0.7", "q80": "0.8"}
+    for name, value in names.items():
+        res = dvc("exp", "run", "--queue", "-n", name, "-S", f"evaluate.threshold={value}")
+        assert res.returncode == 0, res.stderr[-2000:]
+    res = dvc("queue", "start", "-j", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        status = dvc("queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    table = json.loads(dvc("exp", "show", "--json").stdout)
+    assert sorted(e["name"] for row in table for e in (row.get("experiments") or [])) == sorted(names)
+    runs = mlflow_runs(repo)
+    for name in names:
+        tagged = [r for r in runs if r.data.tags.get("dvc_exp") == name]
+        assert {r.data.tags["stage"] for r in tagged} == {"evaluate", "report"}, name
+        assert all(r.info.status == "FINISHED" for r in tagged)
+    dvc("queue", "stop", "--kill")
+
+
 def test_corrupt_stream_fails_cleanly(pipeline_repo):
     assert run_stage(pipeline_repo, "corpus").returncode == 0
     part = next((pipeline_repo / "data/corpus/stream").glob("part-*.parquet"))

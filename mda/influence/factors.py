@@ -85,8 +85,9 @@ def load_factors(directory: str | os.PathLike, s: Setup) -> dict[str, BlockFacto
         stored = json.loads(factors.meta.get("identity", "{}"))
         current = {"checkpoint": s.checkpoint, "blocks": s.blocks_key(),
                    "projection": [s.projector.rank, s.projector.seed] if s.projector else None}
-        if {k: stored.get(k) for k in current} != current:
-            raise MdaError(f"{path}: fitted for other inputs ({describe_mismatch(stored, current)} differ); "
+        relevant = {k: stored.get(k) for k in current}
+        if relevant != current:
+            raise MdaError(f"{path}: fitted for other inputs ({describe_mismatch(relevant, current)} differ); "
                            "rerun the factors stage")
         out[b.name] = factors
     return out
