@@ -178,3 +178,53 @@ def test_bf16_autocast_scores_rank_like_float32(quick_repo, tmp_path):
     rho = spearman(fp32.score, bf16.score)
     print(f"\n[bf16] Spearman(bf16, float32) over {len(fp32)} samples = {rho:.4f}")
     assert rho >= 0.99
+
+
+@pytest.mark.slow
+def test_a_dying_rank_fails_the_stage_and_the_rerun_resumes_from_complete_shards(trained_repo, tmp_path):
+    """SIGKILL one of 2 gradient ranks mid-window: the stage fails naming the rank; the rerun
+    keeps the complete shards and ends with the same bytes as one uninterrupted process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.test_resume import digest_tree
+
+    repos = {}
+    for name, procs in (("one", 1), ("two", 2)):
+        repo = tmp_path / name
+        shutil.copytree(trained_repo, repo, symlinks=True)
+        set_params(repo, {"compute": {"procs": procs}, "influence": {"shard_samples": 4, "batch_size": 2},
+                          "locate": {"window": [0, 12], "influence_step": 12}})
+        for stage in ("locate",) if procs == 1 else ():
+            assert launch(repo, stage).returncode == 0
+        repos[name] = repo
+    shutil.copytree(repos["one"] / "data/locate", repos["two"] / "data/locate", dirs_exist_ok=True)
+    assert launch(repos["one"], "gradients").returncode == 0
+    two = repos["two"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{two / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "mda.launch", "2", "stages.gradients"], cwd=two, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    while proc.poll() is None and killed is None:
+        if len(list((two / "data/gradients").glob("shard-*.parquet"))) >= 2:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if child.environ().get("RANK") == "1":
+                        child.send_signal(signal.SIGKILL)
+                        killed = child.pid
+                except psutil.Error:
+                    pass
+        time.sleep(0.005)
+    out, err = proc.communicate(timeout=300)
+    assert killed is not None, "the stage finished before a rank could be killed"
+    assert proc.returncode != 0
+    assert "error: stages.gradients failed on rank 1" in err, err[-2000:]
+    assert not (two / "data/gradients/manifest.json").exists()
+    res = launch(two, "gradients")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert digest_tree(two / "data/gradients") == digest_tree(repos["one"] / "data/gradients")

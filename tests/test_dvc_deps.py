@@ -77,11 +77,15 @@ def params_read(quick_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("reads") / "read.jsonl"
     shutil.copy(quick_repo / "params-read.jsonl", log)
     env = {"MDA_RECORD_PARAMS": str(log)}
-    # Streaming scores (another code path of `scores`).
-    streaming = tmp_path_factory.mktemp("streaming") / "repo"
-    shutil.copytree(quick_repo, streaming, symlinks=True)
-    set_params(streaming, {"influence": {"mode": "streaming"}})
-    assert run_stage(streaming, "scores", env=env).returncode == 0
+    # Streaming scores and projected gradients (other code paths of the influence stages).
+    for name, change, stages in (("streaming", {"mode": "streaming"}, ("scores",)),
+                                 ("projected", {"projection": 4}, ("factors", "gradients", "scores"))):
+        repo = tmp_path_factory.mktemp(name) / "repo"
+        shutil.copytree(quick_repo, repo, symlinks=True)
+        set_params(repo, {"influence": change})
+        for stage in stages:
+            res = run_stage(repo, stage, env=env)
+            assert res.returncode == 0, (name, stage, res.stderr[-2000:])
     base = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     # The Pythia source: a Megatron .bin/.idx pair.
     from mda.data.pythia import write_megatron
