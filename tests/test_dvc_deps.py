@@ -82,6 +82,8 @@ def params_read(quick_repo, tmp_path_factory):
     shutil.copytree(quick_repo, streaming, symlinks=True)
     set_params(streaming, {"influence": {"mode": "streaming"}})
     assert run_stage(streaming, "scores", env=env).returncode == 0
+    res = run_stage(streaming, "lds", env=env)  # reuses the quick run's retrained subsets
+    assert res.returncode == 0, res.stderr
     base = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     # The Pythia source: a Megatron .bin/.idx pair.
     from mda.data.pythia import write_megatron
