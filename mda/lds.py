@@ -283,7 +283,6 @@ def plot_lds(table: pd.DataFrame, summary: dict, path) -> None:
                 r = summary[head][name][out]
                 ax.scatter(g.predicted_change, g[f"{out}_change"], s=14,
                            label=f"{head}: LDS {r['lds']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]")
-            ax.axhline(0, color="grey", lw=0.6)
             ax.set_xlabel(f"predicted Δf = −Σ score ({name})")
             ax.set_ylabel(f"measured Δ {label}")
             ax.set_title(f"{name}: {label}", fontsize=10)

@@ -30,9 +30,10 @@ def main(params):
     if not params.lds.enabled:
         with stage_run("lds", {"lds": params.lds}, tags={"lds": "disabled"}):
             note = {"enabled": False, "note": "lds.enabled is false: no subsets retrained (presets/lds.yaml turns it on)"}
-            with atomic_dir(OUT) as tmp:
-                write_json(tmp / "summary.json", note)
-            write_json(METRICS, note)
+            if runtime(params.compute).is_main:
+                with atomic_dir(OUT) as tmp:
+                    write_json(tmp / "summary.json", note)
+                write_json(METRICS, note)
         return
     c, inf = params.lds, params.influence
     with stage_run("lds", {"lds": c, "influence": inf, "compute": params.compute}) as run:
