@@ -343,7 +343,7 @@ class Lds(Section):
     without random subsets of the window and rank-correlate predicted with measured changes."""
 
     enabled: bool = False
-    """Off on the default (M retraining runs of the window: about an hour on 2 CPU cores);
+    """Off on the default (M retraining runs of the window: about 70 minutes on 2 CPU cores);
     `presets/lds.yaml` turns it on. Off, the stage only records that it did not run."""
     subsets: int = Field(32, ge=3)
     """M: random subsets, each removed and retrained once (subset m is the same whatever M, so
