@@ -337,6 +337,27 @@ class Evaluate(Section):
     """Top-influence samples decoded to text for the report."""
 
 
+# ----------------------------------------------------------------------------- lds
+class Lds(Section):
+    """Linear datamodeling score of the influence scores (stage `lds`, `mda.lds`): retrain
+    without random subsets of the window and rank-correlate predicted with measured changes."""
+
+    enabled: bool = False
+    """Off on the default (M retraining runs of the window: about 70 minutes on 2 CPU cores);
+    `presets/lds.yaml` turns it on. Off, the stage only records that it did not run."""
+    subsets: int = Field(32, ge=3)
+    """M: random subsets, each removed and retrained once (subset m is the same whatever M, so
+    raising M reuses the finished ones)."""
+    fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """Share of the window's samples each subset removes (loss weight 0, the retrain arms' rule)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the subsets (subset m draws from the generator seeded [seed, m])."""
+    bootstrap: int = Field(2000, ge=100)
+    """Resamples of the subsets for the LDS interval."""
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    """Level of the bootstrap percentile interval."""
+
+
 class Params(Section):
     compute: Compute = Compute()
     corpus: Corpus = Corpus()
@@ -347,6 +368,7 @@ class Params(Section):
     select: Select = Select()
     retrain: Retrain = Retrain()
     evaluate: Evaluate = Evaluate()
+    lds: Lds = Lds()
 
     @model_validator(mode="after")
     def _fits_model(self):

@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -187,16 +188,15 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
                                                    "fresh": fresh})
         rt.barrier()
 
-    for step, ids, _ in tqdm(stream.batches(first, last), total=last - first + 1, desc=f"retrain {arm}",
-                             unit="step", disable=not rt.is_main):
+    def before_step(step: int) -> None:
+        nonlocal reproduces
         if (step - start) % params.retrain.eval_every == 0 and not (resumed and step == first):
             evaluate(step)
             checkpoint(step)
         if step == end and arm == "baseline" and not fresh:
             reproduces = same_weights(model, step_dir(checkpoints, end))
-        ids, weights = edit.apply(step, ids)
-        loss = trainer.step(torch.as_tensor(ids), None if weights is None else torch.from_numpy(weights))
-        losses.append((step, loss))
+
+    replay(trainer, stream, edit, first, last, losses, before_step, desc=f"retrain {arm}")
     evaluate(last + 1)
     if last + 1 == end and arm == "baseline" and not fresh:
         reproduces = same_weights(model, step_dir(checkpoints, end))
@@ -211,6 +211,32 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
         trajectory.to_parquet(out / "trajectory.parquet", index=False)
         pd.DataFrame(losses, columns=["step", "loss"]).to_parquet(out / "losses.parquet", index=False)
     return meta
+
+
+def replay(trainer: Trainer, stream: Stream, edit: StreamEdit, first: int, last: int, losses: list,
+           before_step: Callable[[int], None] | None = None, desc: str = "retrain") -> None:
+    """The retraining loop (every arm's and every LDS subset's): the recorded stream's steps
+    first..last with `edit` applied, one `Trainer.step` each, appending (step, loss) to `losses`;
+    `before_step(step)` runs ahead of each update (evaluations, resume points)."""
+    for step, ids, _ in tqdm(stream.batches(first, last), total=last - first + 1, desc=desc,
+                             unit="step", disable=not trainer.rt.is_main):
+        if before_step is not None:
+            before_step(step)
+        ids, weights = edit.apply(step, ids)
+        loss = trainer.step(torch.as_tensor(ids), None if weights is None else torch.from_numpy(weights))
+        losses.append((step, loss))
+
+
+def train_edit(params: Params, checkpoints, stream: Stream, window: tuple[int, int], edit: StreamEdit,
+               rt, desc: str = "retrain") -> tuple[torch.nn.Module, bool]:
+    """(the model at the window end, fresh optimizer?) after training from the window start
+    (`start_trainer`) through `replay` with `edit` — an arm's run without its evaluations and
+    resume points (the LDS stage's unit of work). `window`: stream steps [start, end)."""
+    torch.use_deterministic_algorithms(True, warn_only=rt.device.type == "cuda")
+    (trainer, fresh), (start, end) = start_trainer(params, checkpoints, window[0], rt), window
+    rt.prepare(trainer.model)
+    replay(trainer, stream, edit, start, end - 1, [], desc=desc)
+    return trainer.model, fresh
 
 
 def open_work(work: Path, identity: dict, rt) -> bool:

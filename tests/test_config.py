@@ -102,3 +102,12 @@ def test_power_preset_is_the_default_with_19_random_sets():
     assert power["retrain"]["seeds"] == list(range(19))
     power["retrain"]["seeds"] = default["retrain"]["seeds"]
     assert power == default
+
+
+def test_lds_preset_is_the_default_with_the_lds_stage_on():
+    default = yaml.safe_load((REPO / "params.yaml").read_text())
+    preset = yaml.safe_load((REPO / "presets/lds.yaml").read_text())
+    assert default["lds"]["enabled"] is False and preset["lds"]["enabled"] is True
+    assert preset["lds"]["subsets"] >= 32
+    preset["lds"]["enabled"] = False
+    assert preset == default

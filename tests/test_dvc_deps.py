@@ -77,9 +77,10 @@ def params_read(quick_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("reads") / "read.jsonl"
     shutil.copy(quick_repo / "params-read.jsonl", log)
     env = {"MDA_RECORD_PARAMS": str(log)}
-    # Streaming scores and projected gradients (other code paths of the influence stages).
-    for name, change, stages in (("streaming", {"mode": "streaming"}, ("scores",)),
-                                 ("projected", {"projection": 4}, ("factors", "gradients", "scores"))):
+    # Streaming scores and projected gradients (other code paths of the influence stages and
+    # of `lds`, which reuses the quick run's retrained subsets).
+    for name, change, stages in (("streaming", {"mode": "streaming"}, ("scores", "lds")),
+                                 ("projected", {"projection": 4}, ("factors", "gradients", "scores", "lds"))):
         repo = tmp_path_factory.mktemp(name) / "repo"
         shutil.copytree(quick_repo, repo, symlinks=True)
         set_params(repo, {"influence": change})

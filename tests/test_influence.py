@@ -135,10 +135,28 @@ def test_eigenvalue_correction_is_the_fisher_diagonal_in_the_eigenbasis():
     assert f.damping == pytest.approx(0.1 * f.eigenvalues.mean().item())
 
 
+def top_overlap(x, y, fraction: float = 0.1) -> float:
+    """Share of the top `fraction` of samples by x that are also in the top `fraction` by y."""
+    k = max(1, int(round(fraction * len(x))))
+    top = lambda v: set(np.argsort(-np.asarray(v), kind="stable")[:k].tolist())
+    return len(top(x) & top(y)) / k
+
+
+def agreement(estimate, exact) -> dict:
+    """Spearman, Pearson and the top-10 % overlap of an estimator's scores with the exact ones."""
+    return {"spearman": spearman(estimate, exact),
+            "pearson": float(np.corrcoef(np.asarray(estimate), np.asarray(exact))[0, 1]),
+            "top10": top_overlap(estimate, exact)}
+
+
 def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
     """EK-FAC vs the exact damped-inverse influence on a model small enough for the explicit
     Fisher of the head's blocks (512 parameters, qk + v + o). The exact side uses the same
-    label draws and per-block damping; the identity baseline is the plain gradient dot product."""
+    label draws and per-block damping; K-FAC (the same factors without the eigenvalue
+    correction, `mda.influence.estimators`) shows what the correction adds, and the identity
+    (plain gradient dot products) what any curvature adds."""
+    from mda.influence.estimators import preconditioners
+
     model = tiny_model()
     head = Head(1, 0)
     blocks = head_blocks(model.config, head)
@@ -153,8 +171,13 @@ def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
     grads = {n: per_sample_gradients(a, g) for n, (a, g) in capture_batch(model, train, blocks).items()}
     g_train, g_probe = flat(grads, blocks), flat({n: v[None] for n, v in probe.items()}, blocks)[0]
     exact = -(g_train @ torch.linalg.solve(fisher + torch.diag(damping), g_probe))
-    ekfac = -sum((grads[b.name] * factors[b.name].precondition(probe[b.name])).sum((1, 2)) for b in blocks)
-    identity = -(g_train @ g_probe)
+
+    def scores(estimator):
+        inverse = preconditioners(factors, estimator)
+        return -sum((grads[b.name] * inverse[b.name].precondition(probe[b.name])).sum((1, 2)) for b in blocks)
+
+    ekfac, kfac, identity = scores("ekfac"), scores("kfac"), scores("identity")
+    assert torch.allclose(identity, -(g_train @ g_probe), rtol=1e-12, atol=0)
     # The same without cross-block curvature: what is left is EK-FAC's within-block error.
     blockwise, start = torch.zeros(len(train), dtype=torch.float64), 0
     for b in blocks:
@@ -163,14 +186,23 @@ def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
         start += n
         blockwise -= g_train[:, part] @ torch.linalg.solve(
             fisher[part, part] + factors[b.name].damping * torch.eye(n, dtype=torch.float64), g_probe[part])
-    rho, rho_identity, rho_blockwise = spearman(ekfac, exact), spearman(identity, exact), spearman(ekfac, blockwise)
+    vs = {name: agreement(v, exact) for name, v in (("EK-FAC", ekfac), ("K-FAC", kfac), ("identity", identity))}
+    rho_blockwise = spearman(ekfac, blockwise)
     with capsys.disabled():
-        print(f"\n[exact check] Spearman(EK-FAC, exact) = {rho:.3f}; (identity, exact) = {rho_identity:.3f}; "
-              f"(EK-FAC, exact block-diagonal) = {rho_blockwise:.3f}")
-    # Measured when written: 0.861 / 0.446 / 0.936. The issue's goal of 0.95 against the full
-    # exact inverse is NOT met on this model (see the closing note); this guards what we have.
-    assert rho > rho_identity + 0.3
+        print("\n[exact check] against the exact damped Fisher inverse (200 samples; top 10 % = 20):")
+        for name, m in vs.items():
+            print(f"  {name:8s} Spearman {m['spearman']:.3f}  Pearson {m['pearson']:.3f}  "
+                  f"top-10 % overlap {m['top10']:.2f}")
+        print(f"  EK-FAC vs the exact block-diagonal inverse: Spearman {rho_blockwise:.3f}")
+    rho, rho_identity = vs["EK-FAC"]["spearman"], vs["identity"]["spearman"]
+    # Measured (torch 2.13 CPU): Spearman / Pearson / top-10 % overlap — EK-FAC 0.838 / 0.840 /
+    # 0.60, K-FAC 0.834 / 0.820 / 0.55, identity 0.485 / 0.494 / 0.30; EK-FAC vs block-diagonal
+    # 0.912. The issue's goal of 0.95 against the full exact inverse is NOT met on this model (see
+    # the README); this guards what we have. The eigenvalue correction buys little here (K-FAC is
+    # within 0.01 Spearman), so no ordering between EK-FAC and K-FAC is asserted.
+    assert rho > rho_identity + 0.3 and vs["EK-FAC"]["pearson"] > vs["identity"]["pearson"] + 0.3
     assert rho >= 0.8 and rho_blockwise >= 0.9
+    assert vs["K-FAC"]["spearman"] > rho_identity + 0.3
 
 
 # ----------------------------------------------------------------------------- sign and scale, end to end
