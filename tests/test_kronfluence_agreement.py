@@ -26,7 +26,7 @@ How the kronfluence side is set up (fully offline, in a tmp dir; CI installs kro
   (inputs ids[:, :-1], targets ids[:, 1:]), as our `sequence_losses(...).sum()`.
   With `sample=True` (kronfluence's true-Fisher passes: covariances, then Lambda) the targets
   are labels drawn from the model's softmax — here, the very labels `fit_ekfac` drew, in the
-  same order: a spy standing in for `torch.nn.functional` inside `mda.influence.grads` records
+  same order: a spy standing in for `torch.nn.functional` inside `mda.lm` records
   the targets of each `cross_entropy` call of our two passes, and the task hands them out one
   per call. Both sides then see the same sampled labels, whatever sampler `sequence_losses`
   uses, and the check is exact rather than Monte-Carlo close. The test also asserts the draw is
@@ -78,7 +78,7 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 
 from mda.heads import Head, module_blocks
-from mda.influence import grads
+from mda import lm
 from mda.influence.ekfac import fit_ekfac
 from mda.influence.grads import capture_batch, per_sample_gradients
 from mda.influence.probes import PROBES, probe_gradient
@@ -122,7 +122,7 @@ def training_ids(n: int, seed: int) -> torch.Tensor:
 
 
 class TargetSpy:
-    """Stands in for `torch.nn.functional` inside `mda.influence.grads` and records the
+    """Stands in for `torch.nn.functional` inside `mda.lm` (where the losses are taken) and records the
     targets of every `cross_entropy` call: the labels `fit_ekfac` actually trained its
     curvature on, whatever sampler `sequence_losses` uses."""
 
@@ -184,7 +184,7 @@ def our_scores(model, fit_ids, scored_ids, probe_tokens, monkeypatch) -> tuple[t
     blocks = module_blocks(LAYER)
     spy = TargetSpy()
     with monkeypatch.context() as m:
-        m.setattr(grads, "F", spy)
+        m.setattr(lm, "F", spy)
         factors = fit_ekfac(model, lambda: fit_ids.split(BATCH), blocks, fisher="true", alpha=ALPHA, seed=SEED)
     probe = probe_gradient(model, "induction", probe_tokens, Head(LAYER, 0), blocks)
     scores = torch.zeros(len(scored_ids), dtype=torch.float64)
