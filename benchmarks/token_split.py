@@ -77,9 +77,20 @@ def main(argv=None) -> dict:
                          "strongest": [{"position": int(r.position), "token": word(r.token), "next": word(r.next_token),
                                         "contribution": float(r.contribution), "predictable": bool(r.predictable)}
                                        for r in g.itertuples()]})
+    # Beyond the pipeline's definition: positions whose token occurs again later in the row (the
+    # earlier half of a repeat, whose key/value a later induction query reads), not predictable.
+    recurs = {}
+    for label, set_name in (("top", f"top:{head}"), ("random", "random")):
+        g = tokens[(tokens.set == set_name) & (tokens["head"] == head)].sort_values(["sample_id", "position"])
+        later = g.groupby("sample_id", group_keys=False).apply(
+            lambda x: pd.Series([tok in set(x.token.iloc[i + 1:]) for i, tok in enumerate(x.token)], index=x.index))
+        source = later.to_numpy(bool) & ~g.predictable.to_numpy(bool)
+        pos = g.contribution.clip(lower=0).to_numpy()
+        recurs[label] = {"positions": float(source.mean()), "positive_share": float(pos[source].sum() / pos.sum())}
     out = {"data": str(data), "window": list(s.window), "influence_step": s.step, "probe": s.probe,
            "probe_sequences": inf.probe_sequences, "probe_seed": inf.probe_seed,
            "token_samples": inf.token_samples, "tokens": metrics, "examples": examples,
+           "recurring_later_not_predictable": recurs,
            "seconds": {"split": split_seconds, "total": time.perf_counter() - started}}
     for target, m in metrics["targets"].items():
         for label in ("top", "random"):
@@ -87,6 +98,9 @@ def main(argv=None) -> dict:
             print(f"{target} {label:6s}: {x['samples']} samples, predictable positions {x['predictable_positions']:.1%}, "
                   f"positive influence on them {x['positive_on_predictable']:.1%}, "
                   f"per-token ratio {x['per_token_ratio']:.2f}")
+    for label, r in recurs.items():
+        print(f"{head} {label:6s}: token recurs later, not predictable: {r['positions']:.1%} of positions, "
+              f"{r['positive_share']:.1%} of positive influence")
     print(f"sum check (max |Σc − score| / max |score|): {metrics['sum_check_max_rel']:.2e}; "
           f"split {split_seconds:.1f} s")
     if args.json:
