@@ -229,10 +229,18 @@ class Influence(Section):
     """A head's parameter blocks: W_QK only, or W_QK, W_V and W_O (biases never; see mda.heads)."""
     probe: Literal["auto", "induction", "prev_token"] = "auto"
     """What the score measures; `auto` follows `locate.unit`."""
-    probe_sequences: int = Field(32, ge=1)
+    probe_sequences: int = Field(400, ge=1)
     probe_half_len: int = Field(32, ge=2)
     probe_seed: int = Field(2, ge=0)
-    """Repeated random-token sequences of the probe (a seed unlike locate's and pretraining's)."""
+    """Repeated random-token sequences of the probe (a seed unlike locate's and pretraining's).
+    400: the fewest (of 32, 64, 128, 200, 400, 800, 1600) at which every pair of six draws kept
+    ≥ 95 % of the top-k set on the default model (benchmarks/results/probe_overlap.json)."""
+    overlap_seeds: list[int] = Field(default_factory=lambda: [3, 4, 5])
+    """Other probe draws (seeds) the scores stage also scores the window with, to report how much
+    of the top-k set depends on the draw (metrics/scores.json, the report); [] = none."""
+    token_samples: int = Field(200, ge=0)
+    """Per target, the top samples (and as many random window samples) whose score the scores stage
+    splits over their token positions (data/scores/tokens.parquet); 0 = none."""
     fisher: Literal["true", "empirical"] = "true"
     """Curvature labels: sampled from the model (true Fisher) or the data's (empirical Fisher)."""
     damping: float = Field(0.1, gt=0.0)

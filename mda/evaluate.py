@@ -293,10 +293,11 @@ def domain_enrichment(window_domains: pd.Series, top_domains: pd.Series, ev: Eva
 
 
 def decode_samples(stream, tokenizer_dir: str | os.PathLike, samples: pd.DataFrame) -> pd.DataFrame:
-    """`samples` (sample_id, step, …) with the row's text decoded by the corpus tokenizer (None
-    where the corpus has no tokenizer)."""
+    """`samples` (sample_id, step, …) with the row's text decoded by the corpus tokenizer and
+    `pieces`, the text of each of the row's tokens (`token_pieces`; both None where the corpus has
+    no tokenizer)."""
     if samples.empty:
-        return samples.assign(text=pd.Series(dtype=object))
+        return samples.assign(text=pd.Series(dtype=object), pieces=pd.Series(dtype=object))
     table = pd.concat([stream.read(int(s), int(s), columns=["sample_id", "input_ids"]).to_pandas()
                        for s in sorted(set(samples.step))], ignore_index=True)
     ids = dict(zip(table.sample_id, table.input_ids))
@@ -305,7 +306,18 @@ def decode_samples(stream, tokenizer_dir: str | os.PathLike, samples: pd.DataFra
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     text = [tokenizer.decode(list(ids[s])) if tokenizer is not None else None for s in samples.sample_id]
-    return samples.assign(text=text)
+    pieces = [token_pieces(tokenizer, list(ids[s])) if tokenizer is not None else None for s in samples.sample_id]
+    return samples.assign(text=text, pieces=pieces)
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text, such that joined they read as the decoded row: a word-level vocabulary
+    decodes tokens on their own and joins them with spaces, so there each piece but the last
+    carries its space."""
+    pieces = [tokenizer.decode([i]) for i in ids]
+    if "".join(pieces) != tokenizer.decode(ids):
+        pieces = [p + " " for p in pieces[:-1]] + pieces[-1:]
+    return pieces
 
 
 # ----------------------------------------------------------------------------- when the edits happen

@@ -21,6 +21,7 @@ from mda import figures as fig
 from mda.evaluate import CONTROLS, TABLES
 from mda.fmt import fmt, fmt_p, in_arm_order, with_ci
 from mda.stats import RANK_TEST_MIN_SETS
+from mda.token_view import overlap_section, token_section
 from mda.unit_view import LEVEL_LABELS, LEVELS
 from mda.verdicts import RULES, verdicts
 
@@ -65,6 +66,10 @@ class Document:
     def code(self, text: str):
         self.blocks.append(("code", text))
 
+    def rich(self, html_text: str, fallback: "Document"):
+        """Raw HTML in the HTML rendering; `fallback`'s blocks in the Markdown one."""
+        self.blocks.append(("rich", html_text, fallback))
+
     def markdown(self) -> str:
         out = []
         for kind, *rest in self.blocks:
@@ -83,6 +88,8 @@ class Document:
                 out.append(f"![{rest[1]}]({rest[2]})\n\n*{rest[1]}*")
             elif kind == "code":
                 out.append("```\n" + rest[0].rstrip("\n") + "\n```")
+            elif kind == "rich":
+                out.append(rest[1].markdown().rstrip("\n"))
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
@@ -106,6 +113,8 @@ class Document:
                            f"<figcaption>{_inline(rest[1])}</figcaption></figure>")
             elif kind == "code":
                 out.append(f"<pre>{html.escape(rest[0])}</pre>")
+            elif kind == "rich":
+                out.append(rest[0])
         style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
                  "table{border-collapse:collapse;margin:1em 0;font-size:90%}"
                  "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}"
@@ -248,9 +257,11 @@ def role_table(moves: pd.DataFrame) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- the report
 def build_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str, figures_dir: Path,
-                 link_dir: str = FIGURES) -> Document:
+                 link_dir: str = FIGURES, tokens: pd.DataFrame | None = None,
+                 score_metrics: dict | None = None) -> Document:
     """Write the PNGs into `figures_dir` and return the document that embeds them (Markdown
-    links: `link_dir/<name>.png`, relative to report.md)."""
+    links: `link_dir/<name>.png`, relative to report.md). `tokens` (data/scores/tokens.parquet) and
+    `score_metrics` (metrics/scores.json) add the token view and the probe-draw overlap."""
     s = ev["summary"]
     names = ("trajectories", "effects", "unit_levels", "icl_vs_induction", "enrichment", "influence", "transfer")
     figures = {name: Path(figures_dir) / f"{name}.png" for name in names}
@@ -330,8 +341,12 @@ def build_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str, 
                                 "score": [f"{v:.3g}" for v in top.score],
                                 "text (first 300 characters)": [("`" + t[:300].replace("`", "'") + ("…" if len(t) > 300 else "") + "`")
                                                                 if isinstance(t, str) else "(no tokenizer)" for t in top.text]}))
+    if score_metrics is not None:
+        token_section(doc, ev, tokens, scores, score_metrics)
     doc.heading(2, "Influence distribution")
     image("influence", "Influence of every window sample on the probe, by domain, and its concentration.")
+    if score_metrics is not None:
+        overlap_section(doc, ev, score_metrics)
     doc.heading(2, "Provenance")
     doc.paragraph(f"Commit `{commit}`; the `params.yaml` this report was made from:")
     doc.code(params_text)
@@ -378,14 +393,14 @@ def unit_section(doc: Document, ev: dict, image) -> None:
 
 
 def write_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str, out: str | os.PathLike,
-                 title: str) -> Document:
+                 title: str, tokens: pd.DataFrame | None = None, score_metrics: dict | None = None) -> Document:
     """`out/report.md`, `out/report.html` and `out/figures/`, each replaced whole; nothing else under
     `out` is touched (another stage may write there)."""
     from mda.io import atomic_dir, atomic_file
 
     out = Path(out)
     with atomic_dir(out / FIGURES) as figures:
-        doc = build_report(ev, scores, params_text, commit, figures)
+        doc = build_report(ev, scores, params_text, commit, figures, tokens=tokens, score_metrics=score_metrics)
         markdown, page = doc.markdown(), doc.html(title)  # the HTML embeds the PNGs before they move
     for name, text in (("report.md", markdown), ("report.html", page)):
         with atomic_file(out / name) as tmp:

@@ -10,10 +10,12 @@ import pandas as pd
 
 from mda.cli import run_stage
 from mda.errors import MdaError
+from mda.io import read_json
 from mda.report import FIGURES, read_evaluation, write_report
 from mda.tracking import git_commit, repo_root, stage_run
 
 EVALUATE, SCORES, OUT = "data/evaluate", "data/scores/scores.parquet", "reports"
+TOKENS, SCORE_METRICS = "data/scores/tokens.parquet", "metrics/scores.json"
 
 
 def commit_label() -> str:
@@ -33,8 +35,10 @@ def main(params):
             scores = pd.read_parquet(SCORES)
         except FileNotFoundError:
             raise MdaError(f"{SCORES}: missing; run the scores stage") from None
+        tokens = pd.read_parquet(TOKENS) if Path(TOKENS).is_file() else None  # none: influence.token_samples 0
         write_report(ev, scores, Path("params.yaml").read_text(), commit_label(), OUT,
-                     title=f"mda report: {', '.join(ev['summary']['heads'])}")
+                     title=f"mda report: {', '.join(ev['summary']['heads'])}", tokens=tokens,
+                     score_metrics=read_json(SCORE_METRICS, "run the scores stage"))
         for name in ("report.md", "report.html"):
             run.log_artifact(f"{OUT}/{name}", artifact_path="report")
         run.log_artifacts(f"{OUT}/{FIGURES}", artifact_path=f"report/{FIGURES}")

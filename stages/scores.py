@@ -1,5 +1,7 @@
 """DVC stage `scores`: influence of every window sample on each target head's probe →
-data/scores/scores.parquet, metrics/scores.json and the score distribution plot."""
+data/scores/scores.parquet; the same window scored with other probe draws (draws.parquet) and the
+top-k overlap between draws; the top and random samples' scores split over their token positions
+(tokens.parquet); metrics/scores.json and the score distribution plot."""
 
 import pyarrow as pa
 
@@ -7,9 +9,13 @@ from mda.cli import run_stage
 from mda.compute import runtime
 from mda.data.stream import Stream
 from mda.influence.factors import load_factors
+from mda.influence.overlap import draw_agreement, seed_column
 from mda.influence.scoring import (attach_samples, concentration, plot_scores, preconditioned_probe,
                                    scores_from_cache, scores_streaming)
+from mda.influence.tokens import token_sets, token_table
+from mda.token_stats import predictable_share, sum_check, target_contributions
 from mda.influence.window import setup
+from mda.interventions import set_size
 from mda.io import atomic_dir, read_targets, write_json, write_parquet
 from mda.tracking import stage_run
 
@@ -18,30 +24,65 @@ FACTORS, GRADIENTS, OUT, METRICS = "data/factors", "data/gradients", "data/score
 
 
 def main(params):
-    inf = params.influence
-    with stage_run("scores", {"influence": inf, "compute": params.compute}) as run:
+    inf, sel = params.influence, params.select
+    with stage_run("scores", {"influence": inf, "compute": params.compute,
+                              "select": {"fraction": sel.fraction, "count": sel.count}}) as run:
         rt = runtime(params.compute)
         s = setup(inf, CHECKPOINTS, read_targets(TARGETS), rt)
         stream = Stream(STREAM)
-        vectors = preconditioned_probe(inf, s, load_factors(FACTORS, s))
-        raw = scores_from_cache(inf, s, stream, GRADIENTS, vectors) if inf.mode == "cached" \
-            else scores_streaming(inf, s, stream, vectors)
+        factors = load_factors(FACTORS, s)
+        vectors = preconditioned_probe(inf, s, factors)
+        draws = {seed_column(seed): preconditioned_probe(inf.model_copy(update={"probe_seed": seed}), s, factors)
+                 for seed in dict.fromkeys(inf.overlap_seeds) if seed != inf.probe_seed}
+        raw = scores_from_cache(inf, s, stream, GRADIENTS, vectors, draws=draws) if inf.mode == "cached" \
+            else scores_streaming(inf, s, stream, vectors, draws=draws)
         if not rt.is_main:
             return
-        scores = attach_samples(raw, stream, s, s.probe)
+        scores = attach_samples(raw[["sample_id", "head", "score"]], stream, s, s.probe)
         metrics = {"probe": s.probe, "mode": inf.mode, "influence_step": s.step,
-                   "window": list(s.window), "heads": {}}
+                   "window": list(s.window), "heads": {}, "probe_draws": {}}
         for head, group in scores.groupby("head"):
             metrics["heads"][head] = concentration(group.score)
+        draw_labels = {f"seed {inf.probe_seed}": "score", **{f"seed {c.removeprefix('score_seed')}": c for c in draws}}
+        if draws:
+            for head, group in raw.groupby("head"):
+                k = set_size(len(group), sel.fraction, sel.count)
+                metrics["probe_draws"][head] = draw_agreement(group, draw_labels, k)
+        tokens = None
+        if inf.token_samples:
+            tokens = token_table(inf, s, stream, token_sets(scores, inf.token_samples), vectors)
+            metrics["tokens"] = token_metrics(tokens, scores, inf.token_samples)
         with atomic_dir(OUT) as tmp:
             write_parquet(tmp / "scores.parquet", pa.Table.from_pandas(scores, preserve_index=False))
+            if draws:
+                write_parquet(tmp / "draws.parquet", pa.Table.from_pandas(raw, preserve_index=False))
+            if tokens is not None:
+                write_parquet(tmp / "tokens.parquet", pa.Table.from_pandas(tokens, preserve_index=False))
             plot_scores(scores, tmp / "score_distribution.png")
         write_json(METRICS, metrics)
         for head, m in metrics["heads"].items():
             run.log_metrics({f"{head}/top1pct_positive_share": m["top1pct_positive_share"],
                              f"{head}/top10pct_positive_share": m["top10pct_positive_share"]})
+        for head, m in metrics["probe_draws"].items():
+            run.log_metrics({f"{head}/probe_draw_topk_overlap_mean": m["overlap_mean"],
+                             f"{head}/probe_draw_topk_overlap_min": m["overlap_min"]})
+        for target, m in metrics.get("tokens", {}).get("targets", {}).items():
+            run.log_metrics({f"{target}/tokens_top_positive_on_predictable": m["top"]["positive_on_predictable"],
+                             f"{target}/tokens_random_positive_on_predictable": m["random"]["positive_on_predictable"]})
         run.log_artifact(f"{OUT}/score_distribution.png")
         run.log_artifact(METRICS)
+
+
+def token_metrics(tokens, scores, n: int) -> dict:
+    """Per target (each head; `union` with several), the predictable-token shares of its top-n and
+    of the random samples, and the split's largest deviation from the scores."""
+    targets = sorted(t.removeprefix("top:") for t in tokens.set.unique() if t.startswith("top:"))
+    out = {"samples_per_set": n, "sum_check_max_rel": sum_check(tokens, scores), "targets": {}}
+    for target in targets:
+        rows = target_contributions(tokens, scores, target)
+        out["targets"][target] = {"top": predictable_share(rows[rows.set == f"top:{target}"]),
+                                  "random": predictable_share(rows[rows.set == "random"])}
+    return out
 
 
 if __name__ == "__main__":

@@ -377,6 +377,16 @@ def test_influence_stages_end_to_end_and_bad_targets(located_repo):
     assert scores.step.between(targets["window"]["start"], targets["window"]["end"] - 1).all()
     metrics = json.loads((located_repo / "metrics/scores.json").read_text())
     assert 0 < metrics["heads"][targets["heads"][0]["name"]]["top10pct_positive_share"] <= 1
+    # Other probe draws (influence.overlap_seeds) and the token split of the top and random samples.
+    head = targets["heads"][0]["name"]
+    draws = metrics["probe_draws"][head]
+    assert draws["draws"] == ["seed 2", "seed 3", "seed 4", "seed 5"] and len(draws["pairs"]) == 6
+    assert draws["k"] == round(0.1 * n) and 0 <= draws["overlap_min"] <= draws["overlap_mean"] <= 1
+    by_draw = pd.read_parquet(located_repo / "data/scores/draws.parquet")
+    np.testing.assert_array_equal(by_draw.score, scores.score)
+    assert not np.allclose(by_draw.score, by_draw.score_seed3)  # another draw, other scores
+    tokens = pd.read_parquet(located_repo / "data/scores/tokens.parquet")
+    assert set(tokens.set) == {f"top:{head}", "random"} and metrics["tokens"]["sum_check_max_rel"] < 1e-5
     # A targets file naming a head the model lacks: one line, no scores written.
     bad = {**targets, "heads": [{"name": "L9H0", "layer": 9, "head": 0}]}
     (located_repo / "data/locate/targets.json").write_text(json.dumps(bad))

@@ -51,67 +51,95 @@ def preconditioned_probe(inf: Influence, s: Setup, factors: dict[str, BlockFacto
 
 
 def scores_from_cache(inf: Influence, s: Setup, stream: Stream, directory: str | os.PathLike,
-                      vectors: dict[str, torch.Tensor], read_rows: int = 4096) -> pd.DataFrame:
+                      vectors: dict[str, torch.Tensor], read_rows: int = 4096,
+                      draws: dict[str, dict[str, torch.Tensor]] | None = None) -> pd.DataFrame:
     """(sample_id, head, score) streamed from the shards, `read_rows` rows at a time. The cache
-    must have been made from this checkpoint, window, blocks, projection and dtype."""
+    must have been made from this checkpoint, window, blocks, projection and dtype. `draws`
+    (column name → vectors of another probe draw) adds one score column per draw, from the same
+    pass over the shards."""
     manifest = read_manifest(directory, gradient_identity(inf, s, stream))
-    flat = {name: v.reshape(-1).numpy() for name, v in vectors.items()}
-    parts = []
+    columns = probe_columns(vectors, draws)
     shards = manifest["shards"]
     mine = s.rt.shard(len(shards))
-    for shard in tqdm(shards[mine.start:mine.stop], desc="scores", unit="shard", disable=not s.rt.is_main):
-        path = Path(directory) / shard["file"]
-        try:
-            reader = pq.ParquetFile(path)
-            for batch in reader.iter_batches(batch_size=read_rows):
-                heads = batch.column("head").to_numpy(zero_copy_only=False)
-                blocks = batch.column("block").to_numpy(zero_copy_only=False)
-                ids = batch.column("sample_id").to_numpy()
-                grads = batch.column("grad")
-                names = np.char.add(np.char.add(heads.astype(str), "/"), blocks.astype(str))
-                for name in np.unique(names):
-                    if name not in flat:
-                        continue
-                    rows = np.flatnonzero(names == name)
-                    values = grads.take(pa.array(rows)).flatten().to_numpy().reshape(len(rows), -1)
-                    if not np.isfinite(values).all():
-                        raise MdaError(f"{path}: non-finite gradient for {name}")
-                    parts.append(pd.DataFrame({"sample_id": ids[rows], "head": name.split("/")[0],
-                                               "score": -(values.astype(np.float64) @ flat[name])}))
-        except MdaError:
-            raise
-        except Exception as err:
-            raise MdaError(f"{path}: unreadable gradient shard ({str(err).splitlines()[0]})") from None
+    parts = [part for shard in tqdm(shards[mine.start:mine.stop], desc="scores", unit="shard", disable=not s.rt.is_main)
+             for part in shard_scores(Path(directory) / shard["file"], columns, read_rows)]
     return _gathered(s, parts)
 
 
-def scores_streaming(inf: Influence, s: Setup, stream: Stream, vectors: dict[str, torch.Tensor]) -> pd.DataFrame:
+def probe_columns(vectors: dict[str, torch.Tensor],
+                  draws: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Score column → block → flattened H⁻¹∇f (float64): `score` for `vectors`, one per draw."""
+    return {column: {name: v.reshape(-1).numpy() for name, v in vecs.items()}
+            for column, vecs in {"score": vectors, **(draws or {})}.items()}
+
+
+def shard_scores(path: Path, columns: dict[str, dict[str, np.ndarray]], read_rows: int = 4096) -> list[pd.DataFrame]:
+    """Per-block partial scores −⟨g, v⟩ of one gradient shard's rows, one column per probe column
+    (blocks absent from `columns` are skipped). Reads only the shard, so it also serves caches
+    whose manifest predates the identity check (benchmarks/probe_overlap.py)."""
+    flat = next(iter(columns.values()))
+    parts = []
+    try:
+        reader = pq.ParquetFile(path)
+        for batch in reader.iter_batches(batch_size=read_rows):
+            heads = batch.column("head").to_numpy(zero_copy_only=False)
+            blocks = batch.column("block").to_numpy(zero_copy_only=False)
+            ids = batch.column("sample_id").to_numpy()
+            grads = batch.column("grad")
+            names = np.char.add(np.char.add(heads.astype(str), "/"), blocks.astype(str))
+            for name in np.unique(names):
+                if name not in flat:
+                    continue
+                rows = np.flatnonzero(names == name)
+                values = grads.take(pa.array(rows)).flatten().to_numpy().reshape(len(rows), -1)
+                if not np.isfinite(values).all():
+                    raise MdaError(f"{path}: non-finite gradient for {name}")
+                values = values.astype(np.float64)
+                parts.append(pd.DataFrame({"sample_id": ids[rows], "head": name.split("/")[0],
+                                           **{c: -(values @ vecs[name]) for c, vecs in columns.items()}}))
+    except MdaError:
+        raise
+    except Exception as err:
+        raise MdaError(f"{path}: unreadable gradient shard ({str(err).splitlines()[0]})") from None
+    return parts
+
+
+def scores_streaming(inf: Influence, s: Setup, stream: Stream, vectors: dict[str, torch.Tensor],
+                     draws: dict[str, dict[str, torch.Tensor]] | None = None) -> pd.DataFrame:
     """The same scores with no cache: per-sample gradients dotted with H⁻¹∇f as they are made."""
     first, last = s.window
     batches = WindowBatches(first, last, inf.batch_size, stream.batch_size)
     mine = s.rt.shard(len(batches))
+    columns = probe_columns(vectors, draws)
     parts = []
     bar = tqdm(total=sum(batches.size(i) for i in mine), desc="scores (streaming)", unit="sample",
                disable=not s.rt.is_main)
     for _, ids, meta in batches.read(stream, mine):
         sample_ids = meta.column("sample_id").to_numpy()
-        for name, score in score_batch(inf, s, ids, vectors).items():
-            parts.append(pd.DataFrame({"sample_id": sample_ids, "head": name.split("/")[0], "score": score}))
+        grads = stored_gradients(inf, s, ids)
+        for name, g in grads.items():
+            parts.append(pd.DataFrame({"sample_id": sample_ids, "head": name.split("/")[0],
+                                       **{c: -(g @ vecs[name]) for c, vecs in columns.items()}}))
         bar.update(len(ids))
     bar.close()
     return _gathered(s, parts)
 
 
-def score_batch(inf: Influence, s: Setup, ids: torch.Tensor, vectors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Per block, −⟨g, H⁻¹∇f⟩ of each row of `ids`: one backward pass, the gradients rounded as
-    the cache would store them (so both modes score the same numbers), float64 dot products."""
+def stored_gradients(inf: Influence, s: Setup, ids: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per block, each row's flattened gradient (batch, size) in float64, rounded as the cache
+    would store it (so both modes score the same numbers): one backward pass."""
     grads = batch_gradients(s, ids)
     out = {}
     for b in s.all_blocks:
         g = grads[b.name].reshape(len(ids), -1).to(torch.float32).cpu().numpy()
-        g = g.astype(np.float16 if inf.dtype == "float16" else np.float32, copy=False)
-        out[b.name] = -(g.astype(np.float64) @ vectors[b.name].reshape(-1).numpy())
+        out[b.name] = g.astype(np.float16 if inf.dtype == "float16" else np.float32, copy=False).astype(np.float64)
     return out
+
+
+def score_batch(inf: Influence, s: Setup, ids: torch.Tensor, vectors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per block, −⟨g, H⁻¹∇f⟩ of each row of `ids`: one backward pass, the gradients rounded as
+    the cache would store them, float64 dot products."""
+    return {name: -(g @ vectors[name].reshape(-1).numpy()) for name, g in stored_gradients(inf, s, ids).items()}
 
 
 def _gathered(s: Setup, parts: list[pd.DataFrame]) -> pd.DataFrame:
@@ -120,7 +148,8 @@ def _gathered(s: Setup, parts: list[pd.DataFrame]) -> pd.DataFrame:
     if not parts:
         raise MdaError("scores: the window has no samples to score")
     frame = pd.concat(parts, ignore_index=True)
-    return frame.groupby(["sample_id", "head"], as_index=False, sort=True)["score"].sum()
+    columns = [c for c in frame.columns if c not in ("sample_id", "head")]
+    return frame.groupby(["sample_id", "head"], as_index=False, sort=True)[columns].sum()
 
 
 def attach_samples(scores: pd.DataFrame, stream: Stream, s: Setup, probe: str) -> pd.DataFrame:

@@ -1,0 +1,91 @@
+"""The replication summary (mda.replication) on a constructed `dvc exp show --json`: the layout DVC
+3 writes (commit rows, each with `experiments` → `revs` → `data` → params/metrics files → data),
+three pretraining seeds, one failed experiment."""
+
+import json
+
+import pytest
+
+from mda.replication import exp_rows, main, report
+
+
+def evaluation(emergence, top, rand, aug, aug_rand, p_top, p_aug, test, r, p_r, window=(3500, 6000), k=4000):
+    delay = lambda m, lo, hi: {"delay": {"mean": m, "ci_low": lo, "ci_high": hi},
+                               "delta_score": {"mean": -0.1, "ci_low": -0.2, "ci_high": 0.0}}
+    return {"k": k, "window_start": window[0], "window_end": window[1], "missing_runs": 0,
+            "baseline": {"emergence_step": emergence, "score_end": 0.83, "icl_end": -2.1},
+            "arms": {"remove-top": delay(*top), "remove-random": delay(*rand), "augment-top": delay(*aug),
+                     "augment-random": delay(*aug_rand)},
+            "targeted_vs_random": {"remove-top": {"p_delay": p_top, "p_rank_delay": 0.25, "p_t_delay": p_top,
+                                                  "test": test},
+                                   "augment-top": {"p_delay": p_aug, "test": test}},
+            "icl_coupling": {"pearson_r": r, "p_value": p_r}}
+
+
+def rev(name, sha, seed, ev, target="L2H2", error=None):
+    data = {"rev": sha, "timestamp": "2026-11-27T12:00:00",
+            "params": {"params.yaml": {"data": {"model": {"init_seed": seed, "layers": 3}}}},
+            "metrics": {} if ev is None else {"metrics/evaluate.json": {"data": ev},
+                                              "metrics/locate.json": {"data": {"targets": [target]}}},
+            "deps": {}, "outs": {}, "meta": {}}
+    return {"rev": sha, "name": name, "data": data, "error": error, "experiments": None}
+
+
+def exp_show():
+    main = rev("main", "a" * 40, 0, evaluation(4258, (302, 271, 333), (30, -6, 67), (-6, -23, 11),
+                                               (-11, -55, 34), 0.0026, 0.6, "t", 0.83, 0.005))
+    main["experiments"] = [
+        {"revs": [rev("init-seed-1", "b" * 40, 1, evaluation(4100, (236, 200, 270), (25, 0, 50), (-40, -60, -20),
+                                                             (5, -10, 20), 0.03, 0.04, "t", 0.5, 0.2,
+                                                             window=(4000, 5500), k=2400), target="L2H1")],
+         "executor": None, "name": "init-seed-1"},
+        {"revs": [rev("init-seed-2", "c" * 40, 2, evaluation(3900, (20, -10, 50), (40, 10, 70), (3, -5, 11),
+                                                             (-2, -9, 5), 0.7, float("nan"), "t", -0.1, 0.8))],
+         "executor": None, "name": "init-seed-2"},
+        {"revs": [rev("init-seed-3", "d" * 40, 3, None, error={"type": "ReproductionError", "msg": "failed"})],
+         "executor": None, "name": "init-seed-3"}]
+    workspace = rev(None, "workspace", 2, evaluation(1, (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), 1, 1, "t", 0, 1))
+    workspace["rev"] = "workspace"
+    return [workspace, main]
+
+
+def test_rows_flatten_commits_and_experiments():
+    rows = exp_rows(exp_show())
+    assert [r["name"] for r in rows] == ["main", "init-seed-1", "init-seed-2", "init-seed-3"]
+    assert rows[1]["params"]["params.yaml"]["model"]["init_seed"] == 1
+    assert [r["name"] for r in exp_rows(exp_show(), include_workspace=True)][0] == "workspace"
+
+
+def test_table_puts_the_headline_effects_side_by_side():
+    text = report(exp_show())
+    lines = text.splitlines()
+    assert lines[0] == ("| experiment | init seed | target | window | k | baseline emergence | remove-top delay | "
+                        "remove-random delay | augment-top delay | augment-random delay | p remove-top | "
+                        "p augment-top | ICL r (p) |")
+    assert lines[2] == ("| main | 0 | L2H2 | 3,500 → 6,000 | 4,000 | 4,258 | +302 [+271, +333] | +30 [-6, +67] | "
+                        "-6 [-23, +11] | -11 [-55, +34] | 0.0026 (t) | 0.6 (t) | +0.83 (0.005) |")
+    assert lines[3] == ("| init-seed-1 | 1 | L2H1 | 4,000 → 5,500 | 2,400 | 4,100 | +236 [+200, +270] | "
+                        "+25 [+0, +50] | -40 [-60, -20] | +5 [-10, +20] | 0.03 (t) | 0.04 (t) | +0.50 (0.2) |")
+    assert lines[4].startswith("| init-seed-2 | 2 | L2H2 |") and "| 0.7 (t) | — | -0.10 (0.8) |" in lines[4]
+    assert len([l for l in lines if l.startswith("| ")]) == 5  # header, rule, three experiments
+    # remove-top beyond remove-random: 302 > 30, 236 > 25, 20 < 40 → 2 of 3; p ≤ 0.05 in 2.
+    assert "- `remove-top` moved emergence later than `remove-random` in 2 of 3 experiments; p ≤ 0.05 in 2 of 3." \
+        in lines
+    # augment-top earlier than augment-random: −6 < −11? no; −40 < 5 yes; 3 < −2 no → 1 of 3; p ≤ 0.05 in 1.
+    assert "- `augment-top` moved emergence earlier than `augment-random` in 1 of 3 experiments; p ≤ 0.05 in 1 of 3." \
+        in lines
+    assert "- Not summarised: init-seed-3 (error: {'type': 'ReproductionError', 'msg': 'failed'})." in lines
+
+
+def test_cli_reads_a_saved_json_and_fails_in_one_line(tmp_path, capsys):
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps(exp_show()))
+    out = tmp_path / "replication.md"
+    main(["--input", str(path), "--out", str(out), "--names", "main", "init-seed-2"])
+    rows = [l for l in out.read_text().splitlines() if l.startswith("| ")]
+    assert len(rows) == 4 and rows[2].startswith("| main |") and rows[3].startswith("| init-seed-2 |")
+    path.write_text(json.dumps([rev("main", "a" * 40, 0, None)]))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--input", str(path)])
+    assert exit_.value.code == 1 and capsys.readouterr().err.strip() == \
+        "error: dvc exp show: no experiment has metrics/evaluate.json (skipped: main (no metrics/evaluate.json))"
