@@ -55,6 +55,13 @@ def neox_config(model: Model, vocab_size: int) -> GPTNeoXConfig:
     return config
 
 
+def rotary_fraction(config) -> float:
+    """The share of each head's dimensions that rotary embeddings turn (transformers ≥ 5 keeps it
+    in `rope_parameters`, older versions as `rotary_pct`)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("partial_rotary_factor", getattr(config, "rotary_pct", 1.0)))
+
+
 def hub_initial_model(hub: HubModel, model: Model) -> GPTNeoXForCausalLM:
     """Pythia's own initialisation: the `step0` revision of `hub`, checked to have the shape
     `model` describes (one line naming the key that differs)."""
@@ -69,7 +76,7 @@ def hub_initial_model(hub: HubModel, model: Model) -> GPTNeoXForCausalLM:
     c = loaded.config
     for key, theirs in (("layers", c.num_hidden_layers), ("hidden_size", c.hidden_size),
                         ("heads", c.num_attention_heads), ("intermediate_size", c.intermediate_size),
-                        ("rotary_pct", c.rotary_pct), ("max_position_embeddings", c.max_position_embeddings),
+                        ("rotary_pct", rotary_fraction(c)), ("max_position_embeddings", c.max_position_embeddings),
                         ("vocab_size", c.vocab_size)):
         ours = getattr(model, key)
         if ours is not None and ours != theirs:

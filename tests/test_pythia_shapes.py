@@ -72,9 +72,13 @@ def test_stages_run_at_pythia_14m_shapes(tmp_path):
         assert res.returncode == 0, (stage, res.stderr[-3000:])
         peak[stage] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
     print("\n[pythia-14m shapes] peak RSS so far per stage (GiB):", {k: round(v, 2) for k, v in peak.items()})
-    config = json.loads((repo / "data/checkpoints/step6/config.json").read_text())
-    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-            config["vocab_size"], config["rotary_pct"], config["max_position_embeddings"]) == (6, 128, 4, 50304, 0.25, 2048)
+    from transformers import AutoConfig
+
+    from mda.model import rotary_fraction
+
+    config = AutoConfig.from_pretrained(repo / "data/checkpoints/step6")
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size,
+            config.vocab_size, rotary_fraction(config), config.max_position_embeddings) == (6, 128, 4, 512, 50304, 0.25, 2048)
     scores = pd.read_parquet(repo / "data/scores/scores.parquet")
     assert len(scores) == 4 and np.isfinite(scores.score).all() and scores.step.between(2, 3).all()
     manifest = json.loads((repo / "data/gradients/manifest.json").read_text())
