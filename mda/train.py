@@ -52,10 +52,13 @@ def token_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def batch_loss(model, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The training loss of a step: weighted token losses summed, divided by all target tokens."""
+    """The training loss of a step: weighted token losses summed, divided by all target tokens.
+    `row_weights` is one weight per row (batch,) or, for SFT's loss on response tokens only
+    (mda.smda), one per target token (batch, row_len-1)."""
     losses = token_losses(model, input_ids)
     if row_weights is not None:
-        losses = losses * row_weights[:, None].to(losses.dtype)
+        weights = row_weights if row_weights.ndim == 2 else row_weights[:, None]
+        losses = losses * weights.to(losses.dtype)
     return losses.sum() / losses.numel()
 
 
