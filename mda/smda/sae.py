@@ -228,8 +228,8 @@ def train_topk(acts: torch.Tensor, params: SmdaSae, progress: bool = True) -> tu
         with torch.no_grad():
             W_dec /= W_dec.norm(dim=1, keepdim=True)
         if step % 50 == 0 or step == params.steps - 1:
-            log.append({"step": step, "fvu": float(mse), "aux": float(aux), "dead": int(dead.sum())})
-            steps.set_postfix(fvu=f"{float(mse):.3f}", dead=int(dead.sum()))
+            log.append({"step": step, "fvu": float(mse.detach()), "aux": float(aux.detach()), "dead": int(dead.sum())})
+            steps.set_postfix(fvu=f"{float(mse.detach()):.3f}", dead=int(dead.sum()))
     sae = Sae(*(t.detach().clone() for t in (W_enc, b_enc, W_dec, b_dec)), architecture="topk", k=k)
     return sae, log
 
