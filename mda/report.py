@@ -46,8 +46,10 @@ class Document:
     def table(self, frame: pd.DataFrame):
         self.blocks.append(("table", frame))
 
-    def image(self, path: Path, caption: str):
-        self.blocks.append(("image", Path(path), caption))
+    def image(self, path: Path, caption: str, link: str | None = None):
+        """A PNG: embedded from `path` in the HTML, linked as `link` (default: its file name,
+        relative to the Markdown file) in Markdown."""
+        self.blocks.append(("image", Path(path), caption, link or Path(path).name))
 
     def code(self, text: str):
         self.blocks.append(("code", text))
@@ -67,7 +69,7 @@ class Document:
                 out.append("\n".join([cells(frame.columns), cells(["---"] * len(frame.columns))]
                                      + [cells(r) for r in frame.itertuples(index=False)]))
             elif kind == "image":
-                out.append(f"![{rest[1]}]({rest[0].name})\n\n*{rest[1]}*")
+                out.append(f"![{rest[1]}]({rest[2]})\n\n*{rest[1]}*")
             elif kind == "code":
                 out.append("```\n" + rest[0].rstrip("\n") + "\n```")
         return "\n\n".join(out) + "\n"

@@ -5,8 +5,7 @@ from pathlib import Path
 
 from mda.cli import run_stage
 from mda.io import atomic_dir
-from mda.smda.report import build_report, read_results
-from mda.report import write_report
+from mda.smda.report import build_report, read_results, write_document
 from mda.tracking import git_commit, stage_run
 
 DATA, OUT = "data/smda", "reports/smda"
@@ -17,7 +16,7 @@ def main(params):
         results = read_results(DATA)
         with atomic_dir(OUT) as tmp:
             doc = build_report(results, Path("params.yaml").read_text(), git_commit()[:12], tmp)
-            write_report(doc, tmp, title="SMDA report")
+            write_document(doc, tmp, title="SMDA report")
         run.log_artifacts(OUT, artifact_path="smda-report")
 
 

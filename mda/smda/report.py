@@ -201,6 +201,7 @@ def build_report(r: dict, params_text: str, commit: str, out: Path) -> Document:
     plot_sft(r["per_set"], evaluation["instruct"], figures["sft"])
 
     doc = Document()
+    image = lambda name, caption: doc.image(figures[name], caption, link=figures[name].name)  # next to report.md
     doc.heading(1, "SMDA: which fine-tuning pairs shaped refusal")
     task = r["task"]
     doc.paragraph(
@@ -233,7 +234,7 @@ def build_report(r: dict, params_text: str, commit: str, out: Path) -> Document:
     doc.bullets(answer)
 
     doc.heading(2, "The policy")
-    doc.image(figures["policy"], "Policy coefficients by feature.")
+    image("policy", "Policy coefficients by feature.")
     kept = r["features"][r["features"].kept].sort_values("difference")
     doc.table(pd.DataFrame({"latent": kept.latent, "mean on harmful": kept.mean_harmful.map(fmt),
                             "mean on harmless": kept.mean_harmless.map(fmt), "difference": kept.difference.map(fmt),
@@ -246,9 +247,9 @@ def build_report(r: dict, params_text: str, commit: str, out: Path) -> Document:
     doc.paragraph(f"One plain SGD step (lr {r['influence']['lr']}) per pair on its response tokens, measured on "
                   f"{r['influence']['probe_prompts']} policy prompts; score = (ΔW_X + ΔW_Y)·W, positive when the "
                   "step moves the policy further the way it already points.")
-    doc.image(figures["pathways"], "Each pair's X- and Y-pathway scores.")
-    doc.image(figures["score_classes"], "Scores by class; the curation rule compares each class with the other's median.")
-    doc.image(figures["top_pairs"], "Per-feature decomposition (X and Y pathways) of the top pairs.")
+    image("pathways", "Each pair's X- and Y-pathway scores.")
+    image("score_classes", "Scores by class; the curation rule compares each class with the other's median.")
+    image("top_pairs", "Per-feature decomposition (X and Y pathways) of the top pairs.")
     pairs = r["pairs"].set_index("pair_id")
     top = scores.set_index("pair_id").loc[top_ids].reset_index()
     doc.table(pd.DataFrame({
@@ -267,7 +268,7 @@ def build_report(r: dict, params_text: str, commit: str, out: Path) -> Document:
     if curate["has_truth"]:
         doc.table(curation_table(curate))
     doc.heading(2, "Fine-tuning on the full, curated and random-removed sets")
-    doc.image(figures["sft"], "Held-out refusal after SFT, mean and 95 % t-interval over seeds.")
+    image("sft", "Held-out refusal after SFT, mean and 95 % t-interval over seeds.")
     doc.table(sft_table(r["per_set"], r["runs"], evaluation["instruct"]))
     if evaluation["missing_runs"]:
         doc.paragraph("Missing runs (not evaluated): " + ", ".join(evaluation["missing_runs"]))
@@ -278,3 +279,13 @@ def build_report(r: dict, params_text: str, commit: str, out: Path) -> Document:
     doc.paragraph(f"Commit `{commit}`; the `params.yaml` this report was made from:")
     doc.code(params_text)
     return doc
+
+
+def write_document(doc: Document, out: Path, title: str) -> None:
+    """report.md (images linked next to it) and the self-contained report.html."""
+    from mda.io import atomic_file
+
+    with atomic_file(out / "report.md") as tmp:
+        tmp.write_text(doc.markdown())
+    with atomic_file(out / "report.html") as tmp:
+        tmp.write_text(doc.html(title))
