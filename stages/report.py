@@ -32,10 +32,12 @@ def main(params):
             scores = pd.read_parquet(SCORES)
         except FileNotFoundError:
             raise MdaError(f"{SCORES}: missing; run the scores stage") from None
-        with atomic_dir(OUT) as tmp:
-            doc = build_report(ev, scores, Path("params.yaml").read_text(),
-                               commit_label(), tmp)
-            write_report(doc, tmp, title=f"mda report: {', '.join(ev['summary']['heads'])}")
+        # Interim (the eval14 branch does this properly): three outputs, report.md, report.html and
+        # figures/, so that reports/smda/ can be another stage's output.
+        with atomic_dir(f"{OUT}/figures") as figures:
+            doc = build_report(ev, scores, Path("params.yaml").read_text(), commit_label(), figures)
+            doc.blocks = [("image", b[1], b[2], f"figures/{b[1].name}") if b[0] == "image" else b for b in doc.blocks]
+            write_report(doc, Path(OUT), title=f"mda report: {', '.join(ev['summary']['heads'])}")
         run.log_artifacts(OUT, artifact_path="report")
         run.set_tag("missing_runs", ", ".join(ev["summary"]["missing_runs"]) or "none")
 

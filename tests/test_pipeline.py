@@ -44,7 +44,8 @@ def test_dvc_repro_quick_preset_runs_every_stage(quick_repo):
     runs = mlflow_runs(quick_repo)
     stages = {r.data.tags["stage"]: r.data.tags["pipeline_id"] for r in runs}
     assert set(stages) == {"corpus", "checkpoints", "locate", "factors", "gradients", "scores", "select",
-                           "retrain", "evaluate", "report"}
+                           "retrain", "evaluate", "report", "smda-task", "smda-instruct", "smda-sae", "smda-policy",
+                           "smda-influence", "smda-curate", "smda-sft", "smda-evaluate", "smda-report"}
     assert len(set(stages.values())) == 1, "stages of one dvc repro share a pipeline id"
     assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 5 * 3  # every arm × seed
     assert json.loads((quick_repo / "data/retrain/baseline/meta.json").read_text())["reproduces_original"]
@@ -57,6 +58,9 @@ def test_dvc_repro_quick_preset_runs_every_stage(quick_repo):
     assert metrics["missing_runs"] == 0 and metrics["k"] == round(params.select.fraction * window_samples)
     page = (quick_repo / "reports/report.html").read_text()
     assert page.count("data:image/png;base64,") == 6 and "Answer" in page
+    assert sum(r.data.tags["stage"] == "smda-sft" for r in runs) == 4 * 3  # every SMDA set × seed
+    smda_page = (quick_repo / "reports/smda/report.html").read_text()
+    assert smda_page.count("data:image/png;base64,") == 5 and (quick_repo / "reports/figures").is_dir()
     evaluate_run = next(r for r in runs if r.data.tags["stage"] == "evaluate")
     assert "k" in evaluate_run.data.metrics
     # The per-arm trajectories render through the repo's plot template, without field errors.
