@@ -317,3 +317,24 @@ def test_sgd_step_restores_the_weights_bit_for_bit(tiny_lm):
     assert all(p.grad is None for p in model.parameters())
     h2, y2 = hidden_and_logprob(tiny_lm, prompts, prefixes, layer=0)
     assert torch.equal(h2, h0) and torch.equal(y2, y0)
+
+
+# ----------------------------------------------------------------------------- params
+def test_every_smda_param_is_documented_and_unknown_keys_are_rejected(tmp_path):
+    from mda.config import Smda, SmdaSection, load_params
+
+    def undocumented(cls, prefix):
+        for name, field in cls.model_fields.items():
+            if not field.description:
+                yield prefix + name
+            if isinstance(field.annotation, type) and issubclass(field.annotation, SmdaSection):
+                yield from undocumented(field.annotation, f"{prefix}{name}.")
+
+    assert list(undocumented(Smda, "smda.")) == []
+    path = tmp_path / "params.yaml"
+    path.write_text("smda:\n  sae:\n    widht: 3\n")
+    with pytest.raises(ConfigError, match=r"smda.sae.widht: unknown key"):
+        load_params(path)
+    path.write_text("smda:\n  sae: {k: 9, width: 8}\n")
+    with pytest.raises(ConfigError, match=r"smda.sae: k 9 exceeds width 8"):
+        load_params(path)

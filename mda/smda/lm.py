@@ -136,11 +136,11 @@ def load_analysed(directory: str | os.PathLike, smda_model: SmdaModel, rt) -> LM
             raise MdaError(f"{directory}: cannot load the instruct model ({str(err).splitlines()[0]})") from None
     else:
         raise MdaError(f"{directory}: missing; run the smda-instruct stage")
-    _eager_attention(model)
+    eager_attention(model)
     return LM(model.to(rt.device).eval(), tokenizer, smda_model.chat_template, smda_model.batch_size, rt)
 
 
-def _eager_attention(model) -> None:
+def eager_attention(model) -> None:
     """GPT-NeoX's eager attention, as every mda stage uses (same numerics as training)."""
     if getattr(model.config, "model_type", "") == "gpt_neox":
         model.config._attn_implementation = "eager"

@@ -4,8 +4,6 @@ atomic writes and MLflow; everything here is a function of params and input fold
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from mda.smda import evaluate as ev
 from mda.smda import lm as lms
 from mda.smda import policy as pol
 from mda.smda.influence import influence_scores
-from mda.smda.sae import (check_fits, fetch_hub_sae, heldout_split, load_sae, quality, save_sae,
+from mda.smda.sae import (Sae, check_fits, fetch_hub_sae, heldout_split, load_sae, quality, save_sae,
                           train_topk)
 from mda.smda.sft import fine_tune
 from mda.smda.task import build_task, check_classes, read_task, read_truth
@@ -44,7 +42,7 @@ def prefixes(params: Params, lm: lms.LM) -> list[list[int]]:
     return lms.refusal_prefix_ids(lm.tokenizer, params.smda.task.refusal_prefixes)
 
 
-def load_checked_sae(params: Params, lm: lms.LM, sae_dir) -> object:
+def load_checked_sae(params: Params, lm: lms.LM, sae_dir) -> Sae:
     sae = load_sae(sae_dir)
     check_fits(sae, lm.hidden_size, params.smda.sae.layer, sae_dir)
     return sae
@@ -70,7 +68,6 @@ def run_instruct(params: Params, checkpoints, corpus_tokenizer, task_dir, out: P
     rt = setup(params)
     smda = params.smda
     model = lms.load_base_model(smda.model, checkpoints)
-    lms._eager_attention(model)
     tokenizer = lms.load_tokenizer(smda.model, corpus_tokenizer)
     lm = lms.LM(model.to(rt.device), tokenizer, smda.model.chat_template, smda.model.batch_size, rt)
     pairs, _ = read_task(task_dir)
