@@ -52,7 +52,7 @@ def plot_policy(features: pd.DataFrame, path) -> None:
     ax.barh([f"latent {int(l)}" for l in kept.latent], kept.weight, color=colours)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("policy coefficient W_j (Y = log p(refusal prefix) ≈ X·W)")
-    ax.set_title("Policy coefficients (red: more active on harmful prompts, blue: on harmless)")
+    ax.set_title("Policy coefficients (red: feature higher on harmful prompts; blue: on harmless)", fontsize=10)
     plots.save(fig, path)
 
 
