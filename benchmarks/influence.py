@@ -100,9 +100,11 @@ class Child:
         sys.path.insert(0, str(ROOT))
         import torch
 
-        from mda.config import load_params
+        from mda.compute import runtime
+        from mda.config import Compute, load_params
         from mda.data.stream import Stream
-        from mda.influence.scoring import read_targets, setup
+        from mda.influence.window import setup
+        from mda.io import read_targets
 
         self.torch = torch
         self.args = args
@@ -112,8 +114,8 @@ class Child:
         if args.factor_samples is not None:
             self.inf = self.inf.model_copy(update={"factor_samples": args.factor_samples})
         self.threads = args.threads or params.compute.threads
-        torch.set_num_threads(self.threads)
-        self.s = setup(self.inf, args.checkpoints, read_targets(args.targets))
+        rt = runtime(Compute(**{**params.compute.model_dump(), "threads": self.threads}))
+        self.s = setup(self.inf, args.checkpoints, read_targets(args.targets), rt)
         self.stream = Stream(args.stream)
         first, last = self.s.window
         if args.steps:
@@ -126,10 +128,10 @@ class Child:
         self.stride = 1 if not fs else max(1, math.ceil(self.samples / fs))
 
     def ids(self, stride: int = 1):
-        from mda.influence.scoring import window_batches
+        from mda.influence.window import WindowBatches
 
-        return self.torch.cat([ids for ids, _ in window_batches(
-            self.stream, self.first, self.last, self.inf.batch_size, stride)])
+        batches = WindowBatches(self.first, self.last, self.inf.batch_size, self.stream.batch_size, stride)
+        return self.torch.cat([ids for _, ids, _ in batches.read(self.stream)])
 
     def probe_tokens(self):
         from mda.config import ProbeSettings
@@ -142,14 +144,14 @@ class Child:
 
 def phase_plain(c: Child) -> dict:
     from mda.influence.grads import sequence_losses
-    from mda.influence.scoring import window_batches
+    from mda.influence.window import WindowBatches
 
     model = c.s.model
     model.train()  # as in training (dropout is 0: same cost as eval)
     for p in model.parameters():
         p.requires_grad_(True)
     n = 0
-    for ids, _ in window_batches(c.stream, c.first, c.last, c.inf.batch_size):
+    for _, ids, _ in WindowBatches(c.first, c.last, c.inf.batch_size, c.stream.batch_size).read(c.stream):
         model.zero_grad(set_to_none=True)
         sequence_losses(model, ids).sum().backward()
         n += len(ids)
@@ -157,7 +159,7 @@ def phase_plain(c: Child) -> dict:
 
 
 def phase_ours_factors(c: Child) -> dict:
-    from mda.influence.scoring import fit_factors
+    from mda.influence.factors import fit_factors
 
     out = c.work / "factors"
     out.mkdir(parents=True, exist_ok=True)
@@ -167,9 +169,9 @@ def phase_ours_factors(c: Child) -> dict:
 
 
 def phase_ours_gradients(c: Child) -> dict:
-    from mda.influence.scoring import cache_gradients
+    from mda.influence.gradients import cache_gradients
 
-    manifest = cache_gradients(c.inf, c.s, c.stream, c.work / "gradients")
+    manifest, _ = cache_gradients(c.inf, c.s, c.stream, c.work / "gradients")
     size = sum(f.stat().st_size for f in (c.work / "gradients").glob("shard-*.parquet"))
     return {"samples": manifest["samples"], "cache_mb": size / 2**20}
 
@@ -183,15 +185,17 @@ def _save_scores(c: Child, raw, name: str) -> None:
 
 
 def phase_ours_scores(c: Child) -> dict:
-    from mda.influence.scoring import load_factors, preconditioned_probe, scores_from_cache
+    from mda.influence.factors import load_factors
+    from mda.influence.scoring import preconditioned_probe, scores_from_cache
 
     vectors = preconditioned_probe(c.inf, c.s, load_factors(c.work / "factors", c.s))
-    raw = scores_from_cache(c.s, c.work / "gradients", vectors)
+    raw = scores_from_cache(c.inf, c.s, c.stream, c.work / "gradients", vectors)
     return {"samples": int(raw.sample_id.nunique()), "_raw": raw}
 
 
 def phase_ours_streaming(c: Child) -> dict:
-    from mda.influence.scoring import load_factors, preconditioned_probe, scores_streaming
+    from mda.influence.factors import load_factors
+    from mda.influence.scoring import preconditioned_probe, scores_streaming
 
     vectors = preconditioned_probe(c.inf, c.s, load_factors(c.work / "factors", c.s))
     raw = scores_streaming(c.inf, c.s, c.stream, vectors)

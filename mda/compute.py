@@ -52,6 +52,17 @@ def check_compute(compute: Compute) -> torch.device:
     return torch.device("cuda") if use_cuda else torch.device("cpu")
 
 
+def check_batching(world_size: int, micro_batch: int | None, batch_size: int) -> None:
+    """Every rank trains on the same number of rows of a step and micro-batches divide them."""
+    if batch_size % world_size:
+        raise ConfigError(f"params: compute.procs: {world_size} processes do not divide the "
+                          f"{batch_size} rows of a step (corpus.batch_size)")
+    rows = batch_size // world_size
+    if micro_batch and rows % micro_batch:
+        raise ConfigError(f"params: compute.micro_batch: {micro_batch} does not divide the {rows} rows "
+                          f"each of {world_size} process(es) trains on per step")
+
+
 @dataclass
 class Runtime:
     """The resolved compute settings of this process and its place among the ranks."""
@@ -78,6 +89,14 @@ class Runtime:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def prepare(self, model):
+        """`model` on this rank's device; on CUDA with PyTorch's fused attention kernels (the
+        metrics that read attention patterns switch to eager attention for their own forward)."""
+        model = model.to(self.device)
+        if self.device.type == "cuda" and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("sdpa")
+        return model
+
     # ------------------------------------------------------------------ work split
     def shard(self, n: int) -> range:
         """This rank's contiguous part of `n` items (earlier ranks take the remainder)."""
@@ -92,8 +111,20 @@ class Runtime:
             return tensor
         import torch.distributed as dist
 
-        comm = tensor.to(self.comm_device)
+        comm = tensor.to(self.comm_device).contiguous()  # collectives send storage order
         dist.all_reduce(comm)
+        if comm is not tensor:
+            tensor.copy_(comm)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """`tensor` as rank `src` holds it, on every rank (in place)."""
+        if not self.distributed:
+            return tensor
+        import torch.distributed as dist
+
+        comm = tensor.to(self.comm_device).contiguous()  # eigh's eigenvectors are column-major
+        dist.broadcast(comm, src=src)
         if comm is not tensor:
             tensor.copy_(comm)
         return tensor
@@ -141,6 +172,7 @@ def runtime(compute: Compute) -> Runtime:
         raise ConfigError(f"params: compute.procs: {compute.procs} processes need a launcher; run the "
                           f"stage as `python -m mda.launch <stage>` (or torchrun)")
     if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1:
@@ -150,11 +182,3 @@ def runtime(compute: Compute) -> Runtime:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Runtime(device=device, dtype=DTYPES[compute.dtype], micro_batch=compute.micro_batch,
                    threads=compute.threads, rank=rank, local_rank=local_rank, world_size=world)
-
-
-def shutdown() -> None:
-    """Leave the process group, if this process joined one (end of a distributed stage)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

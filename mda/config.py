@@ -112,10 +112,14 @@ class Corpus(Section):
 
 
 # ----------------------------------------------------------------------------- model
+PythiaSize = Literal["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"]
+"""The sizes EleutherAI published (`EleutherAI/pythia-<size>`)."""
+
+
 class HubModel(Section):
     """Pythia checkpoints from the Hugging Face hub (no optimizer state is published)."""
 
-    size: str = "14m"
+    size: PythiaSize = "14m"
     """Pythia size: 14m, 31m, 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b, 12b."""
     deduped: bool = False
     revisions: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64, 128,
@@ -139,6 +143,8 @@ class Model(Section):
     intermediate_size: int = Field(256, ge=1)
     rotary_pct: float = Field(0.25, gt=0.0, le=1.0)
     max_position_embeddings: int = Field(256, ge=2)
+    vocab_size: int | None = Field(None, ge=2)
+    """Embedding rows; `null`: the corpus tokenizer's vocabulary (Pythia pads its 50,277 ids to 50,304)."""
     init_seed: int = Field(0, ge=0)
     hub: HubModel = HubModel()
 
@@ -170,6 +176,11 @@ class Pretrain(Section):
     grad_clip: float = Field(1.0, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
+    total_steps: int | None = Field(None, ge=1)
+    """Length of the LR schedule (warm-up + cosine); `null`: the stream's length. Pythia: 143,000."""
+    init: Literal["scratch", "hub"] = "scratch"
+    """Initial weights: `scratch` (`model.init_seed`, GPT-NeoX's init) or `hub` (the `step0` revision
+    of `model.hub`, Pythia's own initialisation; the model section must match its shape)."""
     save_every: int = Field(500, ge=1)
     """Checkpoint spacing after step 512 (before it: 0, 1, 2, 4, ..., 512 as Pythia)."""
     log_every: int = Field(10, ge=1)
@@ -267,17 +278,27 @@ class Retrain(Section):
     fixed_arms: list[ArmName] = Field(default_factory=lambda: ["baseline", "remove-top", "augment-top"])
     """Arms whose data does not depend on a seed: trained once, evaluated with every seed's
     probe (`remove-bottom` is opt-in, for the time budget)."""
-    random_arms: list[ArmName] = Field(default_factory=lambda: ["remove-random", "augment-random"])
-    """Arms trained once per seed (a new random set, or new synthetic rows, per seed;
-    `augment-synthetic` is opt-in)."""
+    random_arms: list[ArmName] = Field(default_factory=lambda: ["remove-random", "augment-random",
+                                                                "augment-synthetic"])
+    """Arms trained once per seed (a new random set, or new synthetic rows, per seed).
+    `augment-synthetic` is a targeted arm (its control: `augment-random`) whose data depend on
+    the seed."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    """Random arms: one set (and one run) per seed, so K = len(seeds) random sets per control;
+    every arm: the evaluation probe seed. K ≥ 19 lets the rank test reach p = 0.05."""
     tail_steps: int = Field(0, ge=0)
     """Steps trained after the window end (no interventions there)."""
     eval_every: int = Field(100, ge=1)
     copies: int = Field(1, ge=1)
-    """Augment arms: copies of each selected sample placed in later steps of the window."""
+    """Augment arms: copies of each selected sample (placed by `augment_placement`)."""
+    augment_placement: Literal["in_place", "upweight", "later"] = "in_place"
+    """Where augment copies go: `in_place` — each replaces a random non-selected row of its
+    original's own step (removal's mirror image); `upweight` — the selected row's loss weight
+    becomes 1 + `copies`, nothing else changes (`augment-synthetic`'s new rows go `in_place`);
+    `later` — each replaces a non-selected row of a uniformly drawn later step of the window."""
     fresh_optimizer: bool = False
-    """Allow a window start without trainer state (hub checkpoints): fresh AdamW with warm-up."""
+    """Allow a window start without trainer state (hub checkpoints): fresh AdamW moments at the
+    schedule's learning rate for that step (exact at step 0, where Pythia's optimizer starts too)."""
 
     @model_validator(mode="after")
     def _arm_kinds(self):
@@ -305,11 +326,36 @@ class Evaluate(Section):
     same_kind_score: float = Field(0.2, gt=0.0, le=1.0)
     """Transfer: a non-target head counts as the unit's kind (e.g. another induction head) when
     its score at the window end in the baseline run reaches this."""
+    role_margin: float = Field(0.1, gt=0.0, le=1.0)
+    """Unit-level view: the role moved from the target head to another head H of its layer when
+    the target's window-end score is below the emergence level, H's is at or above it, and H's
+    exceeds H's own baseline window-end score (same probe seed) by more than this."""
     bootstrap: int = Field(2000, ge=100)
     """Bootstrap resamples for the domain-enrichment intervals."""
     seed: int = Field(0, ge=0)
     top_samples: int = Field(10, ge=0)
     """Top-influence samples decoded to text for the report."""
+
+
+# ----------------------------------------------------------------------------- lds
+class Lds(Section):
+    """Linear datamodeling score of the influence scores (stage `lds`, `mda.lds`): retrain
+    without random subsets of the window and rank-correlate predicted with measured changes."""
+
+    enabled: bool = False
+    """Off on the default (M retraining runs of the window: about 70 minutes on 2 CPU cores);
+    `presets/lds.yaml` turns it on. Off, the stage only records that it did not run."""
+    subsets: int = Field(32, ge=3)
+    """M: random subsets, each removed and retrained once (subset m is the same whatever M, so
+    raising M reuses the finished ones)."""
+    fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """Share of the window's samples each subset removes (loss weight 0, the retrain arms' rule)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the subsets (subset m draws from the generator seeded [seed, m])."""
+    bootstrap: int = Field(2000, ge=100)
+    """Resamples of the subsets for the LDS interval."""
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    """Level of the bootstrap percentile interval."""
 
 
 # ----------------------------------------------------------------------------- smda
@@ -577,6 +623,7 @@ class Params(Section):
     select: Select = Select()
     retrain: Retrain = Retrain()
     evaluate: Evaluate = Evaluate()
+    lds: Lds = Lds()
     smda: Smda = Smda()
     """The second pipeline, SMDA (stages `smda-*`)."""
 
@@ -615,9 +662,52 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None or raw == {}:  # empty, only comments, or `{}`: never run silently on defaults
+        raise ConfigError(f"{path}: empty (no sections); every stage reads its settings from this file")
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     try:
-        return Params.model_validate(raw or {})
+        return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{path}: {_describe(err)}") from None
+
+
+# ----------------------------------------------------------------------------- which keys a stage reads
+class RecordedParams:
+    """A read-only view of `Params` (or a section) that records the dotted key of every value
+    read through it, so a test can check that `dvc.yaml` lists every param a stage reads.
+    Nested sections come back as views too; a property (e.g. `hub.repo_id`) counts as reading
+    its whole section, and `model_dump()` as reading every key below it."""
+
+    def __init__(self, target: BaseModel, prefix: str, sink: set[str]):
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_sink", sink)
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}.{name}" if self._prefix else name
+
+    def __getattr__(self, name: str):
+        target, fields = self._target, type(self._target).model_fields
+        value = getattr(target, name)
+        if name in fields:
+            if isinstance(value, BaseModel):
+                return RecordedParams(value, self._key(name), self._sink)
+            self._sink.add(self._key(name))
+            return value
+        if name == "model_dump":
+            def dump(*args, **kwargs):
+                self._sink.add(self._prefix or "*")
+                return value(*args, **kwargs)
+            return dump
+        if isinstance(getattr(type(target), name, None), property):
+            self._sink.add(self._prefix or "*")
+        return value
+
+    def __setattr__(self, name, value):
+        raise AttributeError("params are read-only")
+
+
+def unwrap(section):
+    """The plain pydantic object behind a `RecordedParams` view (for logging, which is no read)."""
+    return section._target if isinstance(section, RecordedParams) else section

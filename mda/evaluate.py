@@ -6,8 +6,10 @@ them into effects against the baseline run:
 - per arm × seed: emergence step, mean score over the window, score / ICL score / held-out
   loss at the window end, and their differences from the baseline with the same probe seed;
 - per arm: mean and t-interval over seeds; targeted vs random: the targeted arm's effect
-  ranked among the random sets' (a Monte-Carlo permutation test over which samples are
-  edited: the random sets are draws from the null);
+  against the random sets' by the rank (permutation) test and the prediction-interval t-test
+  (`mda.stats`; the random sets are draws from the null over which samples are edited);
+- the unit-level view (`mda.unit_view`): the best head of the unit's kind in the target's
+  layer and in the model, their emergence and delay, and runs where the role moved;
 - ICL coupling, transfer to the other heads, and the domains the top-k set is made of;
 - when each arm's edits happen relative to the baseline's emergence.
 
@@ -27,13 +29,17 @@ from mda.config import Evaluate, Params
 from mda.errors import MdaError
 from mda.heads import Head
 from mda.interventions import ARMS
+from mda.stats import RANK_TEST_MIN_SETS, chosen_test, rank_p, t_interval, t_test_p
+from mda.unit_view import LEVELS, role_moves, unit_trajectories
 from mda.units import first_crossing
 
 # targeted arm → (its random control, the sign of the hypothesised effect on emergence delay)
-CONTROLS = {"remove-top": ("remove-random", +1), "augment-top": ("augment-random", -1)}
+CONTROLS = {"remove-top": ("remove-random", +1), "augment-top": ("augment-random", -1),
+            "augment-synthetic": ("augment-random", -1)}
 EFFECTS = ("delay", "delta_score", "delta_auc", "icl_gain", "delta_heldout_loss")
 # The tables `evaluate` writes to data/evaluate/<name>.parquet (next to summary.json).
-TABLES = ("effects", "curves", "per_arm", "tests", "transfer", "enrichment", "top_samples", "edit_timing")
+TABLES = ("effects", "curves", "per_arm", "tests", "transfer", "enrichment", "top_samples", "edit_timing",
+          "unit_curves", "unit_effects", "unit_per_arm", "role_moves")
 EFFECT_LABELS = {
     "delay": "emergence delay (steps)",
     "delta_score": "Δ target score at window end",
@@ -125,21 +131,6 @@ def run_effects(curves: pd.DataFrame, window: tuple[int, int], ev: Evaluate,
 
 
 # ----------------------------------------------------------------------------- per arm
-def t_interval(values, confidence: float) -> tuple[float, float, float]:
-    """Mean and two-sided t-interval of the mean (NaN bounds for fewer than two values)."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    mean = float(v.mean())
-    if len(v) < 2:
-        return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return mean, mean - half, mean + half
-
-
 def arm_summary(effects: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """Per non-baseline arm and effect: mean, interval, number of seeds (and of runs that never
     reached the emergence threshold)."""
@@ -153,31 +144,39 @@ def arm_summary(effects: pd.DataFrame, confidence: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["arm", "effect", "mean", "ci_low", "ci_high", "seeds", "not_emerged"])
 
 
-def targeted_vs_random(effects: pd.DataFrame) -> pd.DataFrame:
-    """For each targeted arm with a random control: its effect (mean over probe seeds — one
-    trained model) against each random set's (mean over that set's runs), and the one-sided
-    p-value in the hypothesised direction, (1 + #random sets at least as extreme) / (1 + #sets).
-    With n random sets the smallest possible p is 1 / (n + 1)."""
+def model_values(effects: pd.DataFrame, arm: str, effect: str) -> np.ndarray:
+    """One value per trained model of `arm`: an arm trained once → the mean over its probe seeds
+    (one model); a seeded arm → one value per seed (one model each). NaN models dropped."""
+    g = effects[effects.arm == arm]
+    model = np.where(g.trained_once, -1, g.seed)
+    return g.groupby(model)[effect].mean().dropna().to_numpy(dtype=float)
+
+
+def targeted_vs_random(effects: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """For each targeted arm with a random control and each effect: the targeted arm's models
+    (m: 1 when trained once, else one per seed) against the K random sets, one-sided in the
+    hypothesised direction, by the rank test and the t-test (`mda.stats`); `p_value` is the one
+    `chosen_test(K)` picks."""
     rows = []
     for arm, (control, sign) in CONTROLS.items():
-        top, rand = effects[effects.arm == arm], effects[effects.arm == control]
-        if top.empty or rand.empty:
+        if not (effects.arm == arm).any() or not (effects.arm == control).any():
             continue
         for effect in ("delay", "delta_auc", "delta_score"):
-            # delay: remove-top should delay (+), augment-top advance (−); scores the opposite way
+            # delay: remove-top should delay (+), augment arms advance (−); scores the opposite way
             direction = sign if effect == "delay" else -sign
-            targeted = float(top[effect].mean())
-            null = rand.groupby("seed")[effect].mean().dropna().to_numpy()
-            if not np.isfinite(targeted) or not len(null):
-                p = float("nan")
-            else:
-                p = float((1 + np.sum(direction * null >= direction * targeted)) / (1 + len(null)))
-            sd = float(null.std(ddof=1)) if len(null) > 1 else float("nan")
+            targeted, null = model_values(effects, arm, effect), model_values(effects, control, effect)
+            p_rank, min_p = rank_p(targeted, null, direction, seed)
+            t, df, p_t = t_test_p(targeted, null, direction)
+            test = chosen_test(len(null))
+            nan = float("nan")
             rows.append({"arm": arm, "control": control, "effect": effect, "direction": direction,
-                         "targeted": targeted, "random_mean": float(null.mean()) if len(null) else float("nan"),
-                         "random_sd": sd, "z": (targeted - null.mean()) / sd if sd > 0 else float("nan"),
-                         "random_sets": int(len(null)), "p_value": p,
-                         "min_p": 1 / (1 + len(null)) if len(null) else float("nan")})
+                         "targeted": float(targeted.mean()) if len(targeted) else nan,
+                         "targeted_models": int(len(targeted)),
+                         "random_mean": float(null.mean()) if len(null) else nan,
+                         "random_sd": float(null.std(ddof=1)) if len(null) > 1 else nan,
+                         "random_sets": int(len(null)), "rank_p": p_rank, "rank_min_p": min_p,
+                         "t": t, "df": int(df), "t_p": p_t, "test": test,
+                         "p_value": p_rank if test == "rank" else p_t})
     return pd.DataFrame(rows)
 
 
@@ -199,15 +198,19 @@ def icl_coupling(effects: pd.DataFrame) -> dict:
     return {"pearson_r": r, "p_value": p, "models": int(len(points)), "sign_agreement": agree}
 
 
-# ----------------------------------------------------------------------------- transfer
+# ----------------------------------------------------------------------------- every head at the window end
+def window_end_scores(runs: pd.DataFrame, metric: str, end: int) -> pd.DataFrame:
+    """arm, seed, layer, head, score_end: every head's `metric` at the window end (interpolated)."""
+    return runs.groupby(["arm", "seed", "layer", "head"], sort=False) \
+        .apply(lambda g: float(np.interp(end, g.step, g[metric])), include_groups=False) \
+        .rename("score_end").reset_index()
+
+
 def transfer(runs: pd.DataFrame, targets: dict, window: tuple[int, int], ev: Evaluate) -> pd.DataFrame:
     """Per arm and head: the head's score at the window end minus the baseline's (same probe
     seed), mean and interval over seeds, and its kind: `target`, `same_kind` (another head of
     the unit's kind: baseline window-end score ≥ `same_kind_score`) or `other`."""
-    end, metric = window[1], targets["metric"]
-    ends = runs.groupby(["arm", "seed", "layer", "head"], sort=False) \
-        .apply(lambda g: float(np.interp(end, g.step, g[metric])), include_groups=False) \
-        .rename("score_end").reset_index()
+    ends = window_end_scores(runs, targets["metric"], window[1])
     base = ends[ends.arm == "baseline"].set_index(["seed", "layer", "head"]).score_end
     ends["delta"] = ends.score_end - base.reindex(pd.MultiIndex.from_frame(ends[["seed", "layer", "head"]])).to_numpy()
     base_mean = base.groupby(["layer", "head"]).mean()
@@ -232,6 +235,40 @@ def transfer_summary(table: pd.DataFrame) -> dict:
         ratio = size["same_kind"] / size["other"] if size["other"] > 0 else float("nan")
         out[arm] = {**{f"abs_delta_{k}": v for k, v in size.items()}, "same_kind_over_other": ratio,
                     "same_kind_heads": int((g.kind == "same_kind").sum()), "other_heads": int((g.kind == "other").sum())}
+    return out
+
+
+# ----------------------------------------------------------------------------- the unit, not only the head
+def unit_level(runs: pd.DataFrame, targets: dict, window: tuple[int, int], ev: Evaluate,
+               trained_once: set[str]) -> dict:
+    """The `mda.unit_view` levels as tables: `unit_curves` (per step), `unit_effects` (per arm ×
+    seed × level: emergence, delay, … and the level's best head at the window end),
+    `unit_per_arm` (delay and Δ score per arm × level, mean and interval over seeds) and
+    `role_moves` (per arm × seed × target head)."""
+    curves = unit_trajectories(runs, targets)
+    end = window[1]
+    parts, summaries = [], []
+    for level in LEVELS:
+        g = curves[curves.level == level].drop(columns="level").rename(columns={"score": "target_score"})
+        effects = run_effects(g, window, ev, trained_once)
+        last = g[g.step <= end].sort_values("step").groupby(["arm", "seed"], sort=False).best_head.last()
+        effects["best_head_end"] = [last.get((a, s)) for a, s in zip(effects.arm, effects.seed)]
+        parts.append(effects.assign(level=level))
+        summary = arm_summary(effects, ev.confidence)
+        summaries.append(summary[summary.effect.isin(["delay", "delta_score"])].assign(level=level))
+    ends = window_end_scores(runs, targets["metric"], end)
+    return {"unit_curves": curves, "unit_effects": pd.concat(parts, ignore_index=True),
+            "unit_per_arm": pd.concat(summaries, ignore_index=True),
+            "role_moves": role_moves(ends, targets, ev.threshold, ev.role_margin)}
+
+
+def role_summary(moves: pd.DataFrame) -> dict:
+    """Per arm: runs (arm × seed × target head) checked, runs where the role moved, and to which heads."""
+    out = {}
+    for arm, g in moves.groupby("arm", sort=False):
+        moved = g[g.moved_to != ""]
+        out[arm] = {"runs": int(len(g)), "moved": int(len(moved)),
+                    "to": sorted({h for v in moved.moved_to for h in v.split(", ")})}
     return out
 
 
@@ -273,7 +310,8 @@ def decode_samples(stream, tokenizer_dir: str | os.PathLike, samples: pd.DataFra
 
 # ----------------------------------------------------------------------------- when the edits happen
 def edit_timing(params: Params, sets: pd.DataFrame, targets: dict, stream, before_step: float) -> pd.DataFrame:
-    """Per edited run: rows removed or copies placed, and how many come before `before_step`
+    """Per edited run: its placement (augment arms), rows removed or copies placed (an upweighted
+    row counts once per extra copy), copies dropped, and how many edits come before `before_step`
     (the baseline's emergence). An edit made after the head has formed cannot move its
     emergence, so this says how much of each arm could act on it at all."""
     from mda.retrain import build_edit, chosen_sets
@@ -286,11 +324,14 @@ def edit_timing(params: Params, sets: pd.DataFrame, targets: dict, stream, befor
            [(arm, s) for arm in r.random_arms for s in r.seeds]
     rows = []
     for arm, seed in runs:
-        steps = build_edit(arm, seed, params, sets, target, stream, window).edited_steps()
-        rows.append({"arm": arm, "seed": seed, "edited_rows": len(steps),
+        edit = build_edit(arm, seed, params, sets, target, stream, window)
+        steps = edit.edited_steps()
+        rows.append({"arm": arm, "seed": seed, "placement": edit.summary.get("placement", "—"),
+                     "edited_rows": len(steps), "dropped": int(edit.summary.get("copies_dropped", 0)),
                      "before_emergence": int((steps < before_step).sum()),
                      "median_step": float(np.median(steps)) if len(steps) else np.nan})
-    return pd.DataFrame(rows, columns=["arm", "seed", "edited_rows", "before_emergence", "median_step"])
+    return pd.DataFrame(rows, columns=["arm", "seed", "placement", "edited_rows", "dropped", "before_emergence",
+                                       "median_step"])
 
 
 # ----------------------------------------------------------------------------- the whole evaluation
@@ -306,9 +347,10 @@ def evaluate(params: Params, retrain_dir: str | os.PathLike, targets: dict, sets
     curves = target_trajectories(runs, targets)
     effects = run_effects(curves, window, ev, set(params.retrain.fixed_arms))
     per_arm = arm_summary(effects, ev.confidence)
-    tests = targeted_vs_random(effects)
+    tests = targeted_vs_random(effects, ev.seed)
     coupling = icl_coupling(effects)
     heads = transfer(runs, targets, window, ev)
+    unit = unit_level(runs, targets, window, ev, set(params.retrain.fixed_arms))
 
     target = chosen_sets(sets, params, targets)
     window_scores = union_scores(scores) if target == "union" else scores[scores["head"] == target]
@@ -326,12 +368,14 @@ def evaluate(params: Params, retrain_dir: str | os.PathLike, targets: dict, sets
         "eval_every": params.retrain.eval_every, "seeds": list(params.retrain.seeds),
         "fixed_arms": list(params.retrain.fixed_arms), "random_arms": list(params.retrain.random_arms),
         "missing_runs": missing, "icl_coupling": coupling, "transfer": transfer_summary(heads),
-        "edits_before_step": edits_before,
+        "edits_before_step": edits_before, "copies": params.retrain.copies,
+        "augment_placement": params.retrain.augment_placement, "rank_test_min_sets": RANK_TEST_MIN_SETS,
+        "role_margin": ev.role_margin, "role_moved": role_summary(unit["role_moves"]),
     }
     return {"curves": curves, "effects": effects, "per_arm": per_arm, "tests": tests, "transfer": heads,
             "enrichment": enrichment, "top_samples": decode_samples(stream, tokenizer_dir, top_rows),
             "edit_timing": edit_timing(params, sets, targets, stream, edits_before),
-            "summary": summary}
+            **unit, "summary": summary}
 
 
 def headline_metrics(result: dict) -> dict:
@@ -350,7 +394,14 @@ def headline_metrics(result: dict) -> dict:
         out["arms"][arm] = {row.effect: {"mean": row.mean, "ci_low": row.ci_low, "ci_high": row.ci_high}
                             for row in g.itertuples() if row.effect in ("delay", "delta_score", "icl_gain")}
     for row in tests.itertuples():
-        out["targeted_vs_random"].setdefault(row.arm, {})[f"p_{row.effect}"] = row.p_value
+        arm = out["targeted_vs_random"].setdefault(row.arm, {})
+        arm[f"p_{row.effect}"] = row.p_value  # the test chosen by K
+        arm[f"p_rank_{row.effect}"], arm[f"p_t_{row.effect}"] = row.rank_p, row.t_p
+        arm["test"] = row.test
+    unit = result["unit_per_arm"]
+    out["unit_delay"] = {arm: {row.level: row.mean for row in g[g.effect == "delay"].itertuples()}
+                         for arm, g in unit.groupby("arm", sort=False)}
+    out["role_moved"] = {arm: v["moved"] for arm, v in s["role_moved"].items()}
     timing = result["edit_timing"].groupby("arm", sort=False)[["before_emergence", "edited_rows"]].sum()
     out["edits_before_emergence_share"] = (timing.before_emergence / timing.edited_rows.clip(lower=1)).to_dict()
     e = result["enrichment"].sort_values("enrichment", ascending=False)

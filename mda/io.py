@@ -110,6 +110,11 @@ def read_json(path: str | os.PathLike, missing_hint: str) -> dict:
         raise MdaError(f"{path}: corrupt JSON ({err})") from None
 
 
+def read_targets(path: str | os.PathLike) -> dict:
+    """`data/locate/targets.json`: the unit, target heads, window and influence step."""
+    return read_json(path, "run the locate stage first")
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

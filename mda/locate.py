@@ -16,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 from mda.compute import runtime
+from mda.compute import runtime
 from mda.config import Locate, Params, ProbeSettings
 from mda.data.corpus import read_heldout
 from mda.errors import MdaError
 from mda.heads import Head, check_head
 from mda.model import load_model, saved_steps, step_dir
-from mda.train import token_losses
+from mda.lm import token_losses
 from mda.units import (ATTENTION_METRICS, COPYING_VERSION, attention_patterns, copying_score, first_crossing,
                        head_ablation_logprobs, icl_positions, icl_score, repeated_random_tokens,
                        uniform_baseline)
@@ -56,10 +57,11 @@ def checkpoint_metrics(model, probe: torch.Tensor, heldout: torch.Tensor | None,
         columns["induction_logprob_drop"] = clean - ablated
     frame = pd.DataFrame({"layer": np.repeat(np.arange(layers), heads),
                           "head": np.tile(np.arange(heads), layers),
-                          **{k: v.reshape(-1).double().numpy() for k, v in columns.items()}})
+                          **{k: v.reshape(-1).double().cpu().numpy() for k, v in columns.items()}})
     model_row = {}
     if heldout is not None:
-        losses = torch.cat([token_losses(model, rows) for rows in heldout.split(max_sequences)])
+        device = next(model.parameters()).device
+        losses = torch.cat([token_losses(model, rows.to(device)).cpu() for rows in heldout.split(max_sequences)])
         model_row = {"heldout_loss": losses.mean().item(), "icl_score": icl_score(losses)}
     if full:
         model_row["induction_logprob"] = clean
@@ -89,23 +91,29 @@ def check_request(loc: Locate, checkpoints: str | os.PathLike) -> None:
 
 def scan_checkpoints(params: Params, checkpoints: str | os.PathLike, corpus_dir: str | os.PathLike,
                      vocab_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(heads table, model table, facts about the probes) over every saved checkpoint."""
+    """(heads table, model table, facts about the probes) over every saved checkpoint. Under
+    torchrun each rank scores its share of the checkpoints; every rank gets the whole tables."""
+    from transformers import AutoConfig
+
     loc = params.locate
+    rt = runtime(params.compute)
     steps = saved_steps(checkpoints)
     heldout = torch.from_numpy(read_heldout(corpus_dir, loc.heldout_rows))
-    heads, models, probe = [], [], None
-    runtime(params.compute)
-    for step in tqdm(steps, desc="locate", unit="ckpt"):
-        model = load_model(step_dir(checkpoints, step))
-        if probe is None:
-            probe = probe_tokens(loc.probe, model.config, vocab_size)
-            if heldout.max() >= model.config.vocab_size:
-                raise MdaError(f"{Path(corpus_dir) / 'heldout.parquet'}: token id {int(heldout.max())} "
-                               f"outside the model's vocabulary of {model.config.vocab_size}")
-            config = model.config
-        frame, model_row = checkpoint_metrics(model, probe, heldout, loc.max_sequences)
+    config = AutoConfig.from_pretrained(step_dir(checkpoints, steps[0]))
+    probe = probe_tokens(loc.probe, config, vocab_size)
+    if heldout.max() >= config.vocab_size:
+        raise MdaError(f"{Path(corpus_dir) / 'heldout.parquet'}: token id {int(heldout.max())} "
+                       f"outside the model's vocabulary of {config.vocab_size}")
+    mine = rt.shard(len(steps))
+    heads, models = [], []
+    for step in tqdm(steps[mine.start:mine.stop], desc="locate", unit="ckpt", disable=not rt.is_main):
+        model = rt.prepare(load_model(step_dir(checkpoints, step)))
+        with rt.autocast():
+            frame, model_row = checkpoint_metrics(model, probe, heldout, loc.max_sequences)
         heads.append(frame.assign(step=step))
         models.append({"step": step, **model_row})
+    heads = [f for part in rt.gather_objects(heads) for f in part]
+    models = [m for part in rt.gather_objects(models) for m in part]
     late, early = icl_positions(heldout.shape[1] - 1)
     facts = {
         "steps": steps,

@@ -33,7 +33,7 @@ def neox_config(model: Model, vocab_size: int) -> GPTNeoXConfig:
     "small_init" std sqrt(2 / (5·d_model)) (HF's 0.02 default is far smaller at tiny widths
     and slows early learning of attention patterns)."""
     config = GPTNeoXConfig(
-        vocab_size=vocab_size,
+        vocab_size=model.vocab_size or vocab_size,
         hidden_size=model.hidden_size,
         num_hidden_layers=model.layers,
         num_attention_heads=model.heads,
@@ -53,6 +53,29 @@ def neox_config(model: Model, vocab_size: int) -> GPTNeoXConfig:
     )
     config._attn_implementation = "eager"
     return config
+
+
+def hub_initial_model(hub: HubModel, model: Model) -> GPTNeoXForCausalLM:
+    """Pythia's own initialisation: the `step0` revision of `hub`, checked to have the shape
+    `model` describes (one line naming the key that differs)."""
+    from mda.errors import ConfigError
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"mda-hub-step0-{os.getpid()}"
+    download_hub_checkpoints(hub.model_copy(update={"revisions": [0]}), tmp)
+    try:
+        loaded = load_model(step_dir(tmp, 0))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    c = loaded.config
+    for key, theirs in (("layers", c.num_hidden_layers), ("hidden_size", c.hidden_size),
+                        ("heads", c.num_attention_heads), ("intermediate_size", c.intermediate_size),
+                        ("rotary_pct", c.rotary_pct), ("max_position_embeddings", c.max_position_embeddings),
+                        ("vocab_size", c.vocab_size)):
+        ours = getattr(model, key)
+        if ours is not None and ours != theirs:
+            raise ConfigError(f"params: model.{key}: {ours}, but {hub.repo_id}@step0 has {theirs}")
+    loaded.config._attn_implementation = "eager"
+    return loaded
 
 
 def new_model(config: GPTNeoXConfig, seed: int) -> GPTNeoXForCausalLM:
@@ -110,14 +133,16 @@ def save_model(model: GPTNeoXForCausalLM, path: str | os.PathLike) -> None:
 def load_trainer_state(path: str | os.PathLike) -> dict:
     path = check_checkpoint(path, need_trainer_state=True)
     try:
-        return torch.load(path / TRAINER_STATE, weights_only=False)
+        return torch.load(path / TRAINER_STATE, weights_only=False, map_location="cpu")
     except Exception as err:
         raise MdaError(f"{path / TRAINER_STATE}: cannot load ({str(err).splitlines()[0]})") from None
 
 
 # ----------------------------------------------------------------------------- hub
-def download_hub_checkpoints(hub: HubModel, out: str | os.PathLike, progress=None) -> list[int]:
-    """Fetch `EleutherAI/pythia-<size>` at each `step<N>` revision into `out/step<N>/`.
+def download_hub_checkpoints(hub: HubModel, out: str | os.PathLike, progress=None,
+                             skip: set[int] = frozenset()) -> list[int]:
+    """Fetch `EleutherAI/pythia-<size>` at each `step<N>` revision into `out/step<N>/`
+    (revisions in `skip` are already there: a resumed download).
 
     Only the model weights and config are fetched; Pythia's hub revisions carry no
     optimizer state, so retraining from them needs the fresh-optimizer fallback.
@@ -127,6 +152,8 @@ def download_hub_checkpoints(hub: HubModel, out: str | os.PathLike, progress=Non
 
     out = Path(out)
     for step in hub.revisions:
+        if step in skip:
+            continue
         try:
             snap = Path(snapshot_download(
                 hub.repo_id, revision=f"step{step}", cache_dir=hub.cache_dir,

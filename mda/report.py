@@ -1,8 +1,10 @@
-"""Stage `report`: the evaluation as a document a researcher reads — `report.md`, a
-self-contained `report.html` (images embedded) and the PNGs.
+"""Stage `report`'s science: the evaluation as a document a researcher reads — `report.md`, a
+self-contained `report.html` (images embedded) and the PNGs under `figures/` (linked from
+report.md by relative paths).
 
-The verdicts are computed from the evaluation's numbers by the fixed rules in `verdicts`;
-the text never claims more than the tests give.
+Split along its jobs: `mda.verdicts` decides the answers by fixed rules, `mda.figures` draws,
+`mda.fmt` formats numbers; this module lays out the document, renders it and reads/writes files.
+The text never claims more than the tests give.
 """
 
 from __future__ import annotations
@@ -13,17 +15,27 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from mda import plots
-from mda.evaluate import CONTROLS, EFFECT_LABELS, TABLES
-from mda.interventions import ARMS
+from mda import figures as fig
+from mda.evaluate import CONTROLS, TABLES
+from mda.fmt import fmt, fmt_p, in_arm_order, with_ci
+from mda.stats import RANK_TEST_MIN_SETS
+from mda.unit_view import LEVEL_LABELS, LEVELS
+from mda.verdicts import RULES, verdicts
 
-ARM_COLOURS = {"baseline": "black", "remove-top": "tab:red", "remove-random": "lightcoral",
-               "remove-bottom": "tab:purple", "augment-top": "tab:blue", "augment-random": "lightskyblue",
-               "augment-synthetic": "tab:green"}
-ALPHA = 0.05
+FIGURES = "figures"  # the PNGs' directory next to report.md
+PLACEMENT_TEXT = {
+    "in_place": "each copy replaces a randomly chosen non-selected row of its original's **own step** — the "
+                "mirror image of removal, at the same steps; a step with more copies than non-selected rows "
+                "drops the rest (column *dropped* below)",
+    "upweight": "the selected row's loss weight becomes 1 + `retrain.copies` in its own step and nothing else "
+                "changes (the loss is still divided by all target tokens of the batch) — exactly the gradient of "
+                "1 + `retrain.copies` copies of the row in its step with every other row kept; "
+                "`augment-synthetic`'s new rows have no weight of their own to raise and are placed in place",
+    "later": "each copy replaces a non-selected row of a uniformly drawn **later** step of the window, so most "
+             "copies land after the head has formed",
+}
 
 
 # ----------------------------------------------------------------------------- a document, two renderings
@@ -46,10 +58,9 @@ class Document:
     def table(self, frame: pd.DataFrame):
         self.blocks.append(("table", frame))
 
-    def image(self, path: Path, caption: str, link: str | None = None):
-        """A PNG: embedded from `path` in the HTML, linked as `link` (default: its file name,
-        relative to the Markdown file) in Markdown."""
-        self.blocks.append(("image", Path(path), caption, link or Path(path).name))
+    def image(self, path: Path, caption: str, link: str):
+        """A PNG: embedded from `path` in the HTML, linked as `link` (relative to report.md) in Markdown."""
+        self.blocks.append(("image", Path(path), caption, link))
 
     def code(self, text: str):
         self.blocks.append(("code", text))
@@ -104,80 +115,17 @@ class Document:
                 f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
-def in_arm_order(by_arm: dict) -> dict:
-    """A per-arm dict (JSON sorts keys) back in `ARMS` order."""
-    return dict(sorted(by_arm.items(), key=lambda item: ARMS.index(item[0]) if item[0] in ARMS else len(ARMS)))
-
-
 def _inline(text: str) -> str:
     text = html.escape(text)
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
-# ----------------------------------------------------------------------------- formatting
-def fmt(value, digits: int = 3) -> str:
-    """A number for a table cell; "—" for a missing one (None or NaN)."""
-    if value is None or not np.isfinite(value):
-        return "—"
-    return f"{value:,.{digits}f}"
 
-
-def with_ci(mean, low, high, digits: int = 3) -> str:
-    if mean is None or not np.isfinite(mean):
-        return "—"
-    if low is None or not np.isfinite(low):
-        return f"{mean:+.{digits}f}"
-    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
-
-
-# ----------------------------------------------------------------------------- verdicts
-def verdicts(ev: dict) -> list[str]:
-    """The report's answer to the three hypotheses, from the evaluation's numbers: "supported"
-    needs the hypothesised direction (against the baseline and beyond the random sets' mean)
-    and one-sided p ≤ 0.05."""
-    per_arm, tests, s = ev["per_arm"], ev["tests"], ev["summary"]
-    lines = []
-    for arm, claim, sign in (("remove-top", "Removing the top-k set delays emergence more than removing a random set", +1),
-                             ("augment-top", "Duplicating the top-k set advances emergence more than duplicating a random set", -1)):
-        t = tests[(tests.arm == arm)] if len(tests) else tests
-        d = per_arm[(per_arm.arm == arm) & (per_arm.effect == "delay")]
-        if d.empty or t.empty:
-            lines.append(f"{claim}: **not tested** — the runs it needs are missing.")
-            continue
-        d, delay, auc = d.iloc[0], t[t.effect == "delay"].iloc[0], t[t.effect == "delta_auc"].iloc[0]
-        in_direction = sign * delay.targeted > 0 and sign * (delay.targeted - delay.random_mean) > 0
-        state = ("supported" if in_direction and delay.p_value <= ALPHA else
-                 "in the hypothesised direction, not significant" if in_direction else "not shown")
-        never = (f" In {d.not_emerged} seed(s) `{arm}` never reached the threshold; those have no delay."
-                 if d.not_emerged else "")
-        lines.append(
-            f"{claim}: **{state}**. `{arm}` shifted emergence by {with_ci(d['mean'], d.ci_low, d.ci_high, 0)} steps "
-            f"(mean [95 % CI] over {d.seeds} probe seeds; + = later); `{delay.control}` by "
-            f"{delay.random_mean:+,.0f} (sd {fmt(delay.random_sd, 0)} over {delay.random_sets} random sets). "
-            f"One-sided p = {delay.p_value:.2f} (the smallest possible with {delay.random_sets} random sets: "
-            f"{delay.min_p:.2f}). Mean score over the window: Δ {auc.targeted:+.3f} vs {auc.random_mean:+.3f} "
-            f"for random sets, p = {auc.p_value:.2f}.{never}")
-    c = s["icl_coupling"]
-    r, p = c["pearson_r"], c["p_value"]
-    claim = "In-context learning moves with the head"
-    if r is None or not np.isfinite(r):
-        lines.append(f"{claim}: **not tested** — fewer than 3 trained models, or no variation in one of the "
-                     "two effects.")
-    else:
-        targeted = [v for a, v in c["sign_agreement"].items() if a in CONTROLS]
-        in_direction = r > 0 and all(v >= 0.5 for v in targeted)
-        state = ("supported" if in_direction and p <= ALPHA else
-                 "in the hypothesised direction, not significant" if in_direction else "not shown")
-        lines.append(
-            f"{claim}: **{state}**. Over {c['models']} trained models, Pearson r between Δ target score and ICL "
-            f"gain at the window end = {r:+.2f} (one-sided p = {p:.2g}); both move the same way in "
-            + ", ".join(f"{v:.0%} of `{a}`" for a, v in in_arm_order(c["sign_agreement"]).items()) + " seeds.")
-    return lines
-
-
+# ----------------------------------------------------------------------------- reading guide
 def caveats(ev: dict) -> list[str]:
     s = ev["summary"]
+    placement = s.get("augment_placement", "later")
     out = [
         f"Arms whose data do not depend on a seed ({', '.join(f'`{a}`' for a in s['fixed_arms'])}) are trained "
         "once — training is deterministic — and evaluated with each seed's probe, so their intervals measure "
@@ -186,9 +134,13 @@ def caveats(ev: dict) -> list[str]:
         f"Emergence is the first step at which the target score reaches {s['threshold']:.0%} of the baseline's "
         f"window-end score (same probe seed), interpolated linearly between evaluations every "
         f"{s['eval_every']} steps.",
-        "The targeted-vs-random p-value ranks the targeted arm's effect among the random sets' effects "
-        "(a Monte-Carlo permutation test over which samples are edited). More seeds (`retrain.seeds`) give "
-        "more random sets and a finer p.",
+        f"Augmentation placement `retrain.augment_placement: {placement}` ({s.get('copies', 1)} "
+        f"cop{'y' if s.get('copies', 1) == 1 else 'ies'} per selected sample): {PLACEMENT_TEXT[placement]}. "
+        "Tokens per step stay constant. `augment-synthetic` places one new motif row (the top set's repeated "
+        "spans, none of its rows) for each top-set row, by the same rule.",
+        "Targeted vs random: both the rank test and the prediction-interval t-test are reported; which one "
+        f"decides depends on the number of random sets alone (K ≥ {RANK_TEST_MIN_SETS}: rank test). See *How "
+        "the verdicts are decided*.",
     ]
     base = ev["effects"][ev["effects"].arm == "baseline"]
     if (base.emergence_step <= s["window"][0]).any():
@@ -207,150 +159,7 @@ def caveats(ev: dict) -> list[str]:
     return out
 
 
-# ----------------------------------------------------------------------------- figures
-def plot_arm_trajectories(curves: pd.DataFrame, effects: pd.DataFrame, summary: dict, path) -> None:
-    """Target score and ICL score per arm: mean over seeds, band = range over seeds."""
-    fig, axes = plots.plt.subplots(1, 2, figsize=(13, 4.8))
-    for arm, g in curves.groupby("arm", sort=False):
-        colour = ARM_COLOURS.get(arm, "grey")
-        for ax, col in zip(axes, ("target_score", "icl_score")):
-            by_step = g.groupby("step")[col]
-            mean, low, high = by_step.mean(), by_step.min(), by_step.max()
-            n = g.seed.nunique()
-            ax.plot(mean.index, mean.to_numpy(), color=colour, lw=2.2 if arm == "baseline" else 1.6,
-                    label=f"{arm} ({n} seed{'s' if n > 1 else ''})")
-            if n > 1:
-                ax.fill_between(mean.index, low.to_numpy(), high.to_numpy(), color=colour, alpha=0.15, lw=0)
-    start, end = summary["window"]
-    level = effects[effects.arm == "baseline"].threshold_level.mean()
-    axes[0].axhline(level, color="grey", ls="--", lw=1, label=f"emergence threshold ({summary['threshold']:.0%} of baseline end)")
-    for ax in axes:
-        ax.axvline(end, color="tab:orange", ls=":", lw=1.2, label="window end")
-        ax.set_xlabel(f"training step (window {start:,} → {end:,})")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"target {summary['metric']} score ({', '.join(summary['heads'])})")
-    axes[0].set_title("Target head during retraining (band: range over seeds)")
-    axes[1].set_ylabel("ICL score (nats; lower = more in-context learning)")
-    axes[1].set_title("In-context learning during retraining")
-    axes[0].legend(fontsize=8, loc="upper left")
-    plots.save(fig, path)
-
-
-def plot_effects(per_arm: pd.DataFrame, path) -> None:
-    """Forest plot: per arm, mean effect and interval over seeds, for delay and Δ score."""
-    arms = list(dict.fromkeys(per_arm.arm))
-    fig, axes = plots.plt.subplots(1, 3, figsize=(13, 0.6 * len(arms) + 2.2), sharey=True)
-    for ax, effect in zip(axes, ("delay", "delta_score", "icl_gain")):
-        g = per_arm[per_arm.effect == effect].set_index("arm").reindex(arms)
-        y = np.arange(len(arms))[::-1]
-        for yi, (arm, row) in zip(y, g.iterrows()):
-            colour = ARM_COLOURS.get(arm, "grey")
-            if np.isfinite(row.ci_low):
-                ax.plot([row.ci_low, row.ci_high], [yi, yi], color=colour, lw=2)
-            ax.plot([row["mean"]], [yi], "o", color=colour, ms=7)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(y)
-        ax.set_yticklabels(arms)
-        ax.set_xlabel(EFFECT_LABELS[effect])
-        ax.grid(alpha=0.3, axis="x")
-    axes[0].set_title("Effect vs baseline (mean, 95 % CI over seeds)", loc="left")
-    plots.save(fig, path)
-
-
-def plot_icl_coupling(curves: pd.DataFrame, effects: pd.DataFrame, summary: dict, path) -> None:
-    fig, axes = plots.plt.subplots(1, 2, figsize=(13, 4.8))
-    for arm, g in curves.groupby("arm", sort=False):
-        m = g.groupby("step")[["target_score", "icl_score"]].mean()
-        axes[0].plot(m.target_score, m.icl_score, "-", color=ARM_COLOURS.get(arm, "grey"), lw=1.5, label=arm)
-    axes[0].set_xlabel(f"target {summary['metric']} score (mean over seeds)")
-    axes[0].set_ylabel("ICL score (nats; lower = more ICL)")
-    axes[0].set_title("ICL vs induction score along each run")
-    axes[0].legend(fontsize=8)
-    e = effects[effects.arm != "baseline"]
-    for arm, g in e.groupby("arm", sort=False):
-        axes[1].scatter(g.delta_score, g.icl_gain, color=ARM_COLOURS.get(arm, "grey"), s=40, label=arm,
-                        edgecolor="black", lw=0.5)
-    axes[1].axhline(0, color="grey", lw=0.8)
-    axes[1].axvline(0, color="grey", lw=0.8)
-    c = summary["icl_coupling"]
-    axes[1].set_title(f"Effects at the window end, per run (r over {c['models']} models = {fmt(c['pearson_r'], 2)})")
-    axes[1].set_xlabel("Δ target score vs baseline")
-    axes[1].set_ylabel("ICL gain vs baseline (nats; + = more ICL)")
-    axes[1].legend(fontsize=8)
-    plots.save(fig, path)
-
-
-def plot_enrichment(enrichment: pd.DataFrame, summary: dict, path) -> None:
-    e = enrichment.sort_values("enrichment", ascending=False)
-    fig, ax = plots.plt.subplots(figsize=(8, 4.5))
-    x = np.arange(len(e))
-    ratio = e.enrichment.to_numpy()
-    floor = 1e-2  # a domain absent from the top set has ratio 0: draw it at the axis floor
-    shown = np.maximum(ratio, floor)
-    err = np.vstack([shown - np.maximum(e.ci_low.to_numpy(), floor), np.maximum(e.ci_high.to_numpy(), floor) - shown])
-    ax.bar(x, shown, color=["tab:red" if r > 1 else "tab:grey" for r in ratio], yerr=err, capsize=4)
-    for xi, r, top in zip(x, ratio, np.maximum(e.ci_high.to_numpy(), shown)):
-        ax.annotate(f"{r:.2f}×" if r > 0 else "absent", (xi, max(top, floor)), xytext=(0, 4),
-                    textcoords="offset points", ha="center", fontsize=8)
-    ax.axhline(1, color="black", lw=1, ls="--", label="no enrichment")
-    ax.set_yscale("log")
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{d}\n{t:.1%} of top-k\n{w:.1%} of window" for d, t, w in
-                        zip(e.domain, e.top_share, e.window_share)], fontsize=8)
-    ax.set_ylabel("enrichment (share in top-k / share in window, log)")
-    ax.set_title(f"Which domains the top-k set (k = {summary['k']:,}) is made of (95 % bootstrap CI)")
-    ax.legend(fontsize=8)
-    plots.save(fig, path)
-
-
-def plot_influence(scores: pd.DataFrame, k: int, path) -> None:
-    """Distribution of the window's influence scores by domain, and how concentrated it is."""
-    fig, axes = plots.plt.subplots(1, 2, figsize=(13, 4.8))
-    cut = np.sort(scores.score.to_numpy())[::-1][k - 1]
-    bins = np.linspace(scores.score.min(), scores.score.max(), 80)
-    for domain, g in scores.groupby("domain"):
-        axes[0].hist(g.score, bins=bins, histtype="step", lw=1.4, label=f"{domain} ({len(g):,})")
-    axes[0].axvline(cut, color="tab:orange", ls="--", label=f"top-k cut (k = {k:,})")
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("influence score (positive: raises the probe)")
-    axes[0].set_ylabel("window samples (log)")
-    axes[0].set_title("Influence scores by domain")
-    axes[0].legend(fontsize=8)
-    v = np.sort(scores.score.to_numpy())[::-1]
-    positive = v.clip(min=0)
-    share = np.cumsum(positive) / positive.sum() if positive.sum() > 0 else np.zeros_like(v)
-    rank = np.arange(1, len(v) + 1) / len(v) * 100
-    axes[1].plot(rank, share * 100, color="tab:red", lw=2)
-    axes[1].plot([0, 100], [0, 100], color="grey", ls=":", label="evenly spread")
-    axes[1].axvline(k / len(v) * 100, color="tab:orange", ls="--", label=f"top-k = {k / len(v):.0%} of the window")
-    axes[1].set_xlabel("samples, by decreasing influence (% of window)")
-    axes[1].set_ylabel("cumulative share of positive influence (%)")
-    axes[1].set_title("Concentration of influence")
-    axes[1].legend(fontsize=8)
-    axes[1].grid(alpha=0.3)
-    plots.save(fig, path)
-
-
-def plot_transfer(transfer: pd.DataFrame, unit: str, path) -> None:
-    kinds = ("target", "same_kind", "other")
-    arms = list(dict.fromkeys(transfer.arm))
-    count = lambda kind: transfer[transfer.arm == arms[0]].kind.eq(kind).sum()
-    fig, ax = plots.plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(kinds)
-    for i, kind in enumerate(kinds):
-        means = [transfer[(transfer.arm == a) & (transfer.kind == kind)].delta_mean.abs().mean() for a in arms]
-        ax.bar(np.arange(len(arms)) + (i - 1) * width, np.nan_to_num(means), width,
-               label={"target": "target head", "same_kind": f"other {unit} heads (n = {count(kind)})",
-                      "other": f"non-{unit} heads (n = {count(kind)})"}[kind])
-    ax.set_xticks(np.arange(len(arms)))
-    ax.set_xticklabels(arms, fontsize=9)
-    ax.set_ylabel("mean |Δ score at window end| vs baseline")
-    ax.set_title("Transfer: how much each arm moved each kind of head")
-    ax.legend(fontsize=8)
-    plots.save(fig, path)
-
-
-# ----------------------------------------------------------------------------- the report
+# ----------------------------------------------------------------------------- tables
 def headline_table(ev: dict) -> pd.DataFrame:
     effects, per_arm, tests = ev["effects"], ev["per_arm"], ev["tests"]
     rows = []
@@ -367,62 +176,135 @@ def headline_table(ev: dict) -> pd.DataFrame:
                                                            if len(p) else "—")
         t = tests[(tests.arm == arm)] if len(tests) else tests
         row["p vs random (delay / AUC)"] = " / ".join(
-            f"{t[t.effect == e].p_value.iloc[0]:.2f}" for e in ("delay", "delta_auc")) if len(t) else ""
+            fmt_p(t[t.effect == e].p_value.iloc[0]) for e in ("delay", "delta_auc")) \
+            + f" ({t.test.iloc[0]})" if len(t) else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def tests_table(tests: pd.DataFrame) -> pd.DataFrame:
+    """Both tests for every targeted arm and effect; the one that decides is marked."""
+    rows = []
+    for r in tests.itertuples():
+        digits = 0 if r.effect == "delay" else 3
+        mark = lambda test, text: f"**{text}**" if r.test == test else text
+        word = ("later" if r.direction > 0 else "earlier") if r.effect == "delay" else \
+            ("higher" if r.direction > 0 else "lower")
+        rows.append({"arm": r.arm, "control": r.control, "effect": r.effect, "hypothesis": f"targeted {word}",
+                     "targeted (models)": f"{fmt(r.targeted, digits)} ({r.targeted_models})",
+                     "random mean ± sd (K)": f"{fmt(r.random_mean, digits)} ± {fmt(r.random_sd, digits)} ({r.random_sets})",
+                     "rank p (smallest)": mark("rank", f"{fmt_p(r.rank_p)} ({fmt_p(r.rank_min_p)})"),
+                     "t (df)": f"{fmt(r.t, 2)} ({r.df})", "t-test p": mark("t", fmt_p(r.t_p))})
+    return pd.DataFrame(rows)
+
+
 def edit_timing_table(timing: pd.DataFrame) -> pd.DataFrame:
-    by_arm = timing.groupby("arm", sort=False)[["edited_rows", "before_emergence", "median_step"]].mean()
+    by_arm = timing.groupby("arm", sort=False)[["edited_rows", "dropped", "before_emergence", "median_step"]].mean()
+    placement = timing.groupby("arm", sort=False).placement.first()
     return pd.DataFrame({"arm": by_arm.index, "runs": timing.groupby("arm", sort=False).size().to_numpy(),
+                         "placement": placement.reindex(by_arm.index).to_numpy(),
                          "edited rows": [f"{v:,.0f}" for v in by_arm.edited_rows],
+                         "dropped": [f"{v:,.0f}" for v in by_arm.dropped],
                          "before emergence": [f"{b:,.0f} ({b / max(n, 1):.0%})" for b, n in
                                               zip(by_arm.before_emergence, by_arm.edited_rows)],
                          "median step": [fmt(v, 0) for v in by_arm.median_step]})
 
 
-def build_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str,
-                 out: Path) -> Document:
-    """Write the PNGs into `out` and return the document that embeds them."""
-    s = ev["summary"]
-    figures = {name: out / f"{name}.png" for name in
-               ("trajectories", "effects", "icl_vs_induction", "enrichment", "influence", "transfer")}
-    plot_arm_trajectories(ev["curves"], ev["effects"], s, figures["trajectories"])
-    plot_effects(ev["per_arm"], figures["effects"])
-    plot_icl_coupling(ev["curves"], ev["effects"], s, figures["icl_vs_induction"])
-    plot_enrichment(ev["enrichment"], s, figures["enrichment"])
-    window_scores = scores if s["target"] == "union" else scores[scores["head"] == s["target"]]
-    plot_influence(window_scores, s["k"], figures["influence"])
-    if len(ev["transfer"]):
-        plot_transfer(ev["transfer"], s["unit"], figures["transfer"])
+def unit_table(ev: dict) -> pd.DataFrame:
+    """Per arm: the delay at each level (mean [CI] over seeds), the best heads at the window end,
+    and the runs where the role moved."""
+    per_arm, effects, moves = ev["unit_per_arm"], ev["unit_effects"], ev["role_moves"]
+    rows = []
+    for arm in dict.fromkeys(effects.arm):
+        row = {"arm": arm}
+        for level in LEVELS:
+            d = per_arm[(per_arm.arm == arm) & (per_arm.level == level) & (per_arm.effect == "delay")]
+            e = effects[(effects.arm == arm) & (effects.level == level)]
+            never = int(e.emergence_step.isna().sum())
+            value = "ref." if arm == "baseline" else (with_ci(*d[["mean", "ci_low", "ci_high"]].iloc[0], 0)
+                                                      if len(d) else "—")
+            row[f"delay: {LEVEL_LABELS[level]}"] = value + (f" ({never} never)" if never else "")
+        best = effects[(effects.arm == arm) & (effects.level == "layer")].best_head_end.value_counts()
+        row["best of layer at window end (seeds)"] = ", ".join(f"{h} ({n})" for h, n in best.items())
+        m = moves[moves.arm == arm]
+        moved = m[m.moved_to != ""]
+        row["role moved (runs)"] = "—" if arm == "baseline" else (
+            f"{len(moved)} of {len(m)}" + (f": to {', '.join(sorted(set(', '.join(moved.moved_to).split(', '))))}"
+                                           if len(moved) else ""))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
+
+def role_table(moves: pd.DataFrame) -> pd.DataFrame:
+    """Every run where the target fell short of its emergence level at the window end."""
+    short = moves[moves.target_end < moves.level]
+    return pd.DataFrame({"arm": short.arm, "seed": short.seed, "target": short.target,
+                         "target end (level)": [f"{t:.3f} ({l:.3f})" for t, l in zip(short.target_end, short.level)],
+                         "rival": short.rival.fillna("—"),
+                         "rival end (baseline)": [f"{e:.3f} ({b:.3f})" for e, b in
+                                                  zip(short.rival_end, short.rival_baseline_end)],
+                         "role moved to": [m or "—" for m in short.moved_to]})
+
+
+# ----------------------------------------------------------------------------- the report
+def build_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str, figures_dir: Path,
+                 link_dir: str = FIGURES) -> Document:
+    """Write the PNGs into `figures_dir` and return the document that embeds them (Markdown
+    links: `link_dir/<name>.png`, relative to report.md)."""
+    s = ev["summary"]
+    names = ("trajectories", "effects", "unit_levels", "icl_vs_induction", "enrichment", "influence", "transfer")
+    figures = {name: Path(figures_dir) / f"{name}.png" for name in names}
+    link = {name: f"{link_dir}/{name}.png" for name in names}
+    fig.plot_arm_trajectories(ev["curves"], ev["effects"], s, figures["trajectories"])
+    fig.plot_effects(ev["per_arm"], figures["effects"])
+    fig.plot_unit_levels(ev["unit_curves"], ev["unit_effects"], s, figures["unit_levels"])
+    fig.plot_icl_coupling(ev["curves"], ev["effects"], s, figures["icl_vs_induction"])
+    fig.plot_enrichment(ev["enrichment"], s, figures["enrichment"])
+    window_scores = scores if s["target"] == "union" else scores[scores["head"] == s["target"]]
+    fig.plot_influence(window_scores, s["k"], figures["influence"])
+    if len(ev["transfer"]):
+        fig.plot_transfer(ev["transfer"], s["unit"], figures["transfer"])
     doc = Document()
+    image = lambda name, caption: doc.image(figures[name], caption, link[name])
     doc.heading(1, f"mda report: did the data make {', '.join(s['heads'])}?")
     doc.paragraph(f"Unit `{s['unit']}` (metric `{s['metric']}`), target head(s) {', '.join(s['heads'])}, "
                   f"formation window steps {s['window'][0]:,} → {s['window'][1]:,} "
-                  f"({s['window_samples']:,} samples); sets chosen on `{s['target']}`, k = {s['k']:,}. "
-                  f"Made from commit `{commit}`.")
+                  f"({s['window_samples']:,} samples); sets chosen on `{s['target']}`, k = {s['k']:,}; "
+                  f"augmentation placement `{s.get('augment_placement', 'later')}`. Made from commit `{commit}`.")
     doc.heading(2, "Answer")
-    doc.bullets(verdicts(ev))
+    doc.bullets([v.sentence() for v in verdicts(ev)])
     doc.heading(2, "Headline numbers")
     doc.paragraph("Effects are arm − baseline with the same probe seed; mean with 95 % t-interval over seeds. "
                   "ICL gain = baseline ICL score − arm ICL score (+ = more in-context learning). "
-                  "p: one-sided, targeted arm vs its random control.")
+                  "p: one-sided, targeted arm vs its random control, by the test K chooses (in brackets).")
     doc.table(headline_table(ev))
+    if len(ev["tests"]):
+        doc.heading(2, "Targeted vs random: both tests")
+        doc.paragraph("One-sided in the hypothesised direction; the p that decides the verdict is in bold. "
+                      "*targeted (models)*: the targeted arm's effect and how many trained models it is the mean "
+                      "of (1: an arm trained once, its probe seeds averaged; more: `augment-synthetic`, one model "
+                      "per seed, compared as a group).")
+        doc.table(tests_table(ev["tests"]))
+    doc.heading(2, "How the verdicts are decided")
+    doc.paragraph("These rules were fixed before any result was seen; each verdict above names the condition "
+                  "that decided it.")
+    doc.bullets(RULES)
     doc.heading(2, "How to read these numbers")
     doc.bullets(caveats(ev))
     if len(ev["edit_timing"]):
         doc.heading(2, "When the edits happen")
-        doc.paragraph(f"An edit can only move emergence if it happens before the head forms: rows removed or "
-                      f"copies placed per arm (mean over the runs' edits) and how many of them come before the "
-                      f"baseline's emergence (step {s['edits_before_step']:,.0f}).")
+        doc.paragraph(f"An edit can only move emergence if it happens before the head forms: per arm (mean over "
+                      f"the runs' edits) its placement, rows removed or copies placed (an upweighted row counts "
+                      f"once per extra copy, at its own step), copies dropped for lack of a free row, and how many "
+                      f"edits come before the baseline's emergence (step {s['edits_before_step']:,.0f}).")
         doc.table(edit_timing_table(ev["edit_timing"]))
+    unit_section(doc, ev, image)
     doc.heading(2, "Trajectories")
-    doc.image(figures["trajectories"], "Target head score and ICL score per arm during retraining; band: range over seeds.")
-    doc.image(figures["effects"], "Effect of each arm against the baseline, mean and 95 % CI over seeds.")
+    image("trajectories", "Target head score and ICL score per arm during retraining; band: range over seeds.")
+    image("effects", "Effect of each arm against the baseline, mean and 95 % CI over seeds.")
     doc.heading(2, "In-context learning and the head")
-    doc.image(figures["icl_vs_induction"], "Left: ICL score against the target score along each run. "
-                                           "Right: per run, Δ target score against ICL gain at the window end.")
+    image("icl_vs_induction", "Left: ICL score against the target score along each run. "
+                              "Right: per run, Δ target score against ICL gain at the window end.")
     doc.heading(2, "Transfer to other heads")
     if len(ev["transfer"]):
         t = in_arm_order(s["transfer"])
@@ -433,14 +315,14 @@ def build_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str,
         doc.paragraph(f"A head counts as another `{s['unit']}` head when its score at the window end in the baseline "
                       f"run is ≥ `evaluate.same_kind_score`. The paper reports about 10× larger effects on other "
                       "induction heads than on the rest.")
-        doc.image(figures["transfer"], "Mean absolute change of each kind of head at the window end, per arm.")
+        image("transfer", "Mean absolute change of each kind of head at the window end, per arm.")
     doc.heading(2, "Catalysts: what the top-k set is made of")
     e = ev["enrichment"].sort_values("enrichment", ascending=False)
     doc.table(pd.DataFrame({"domain": e.domain, "top-k share": [f"{v:.1%}" for v in e.top_share],
                             "window share": [f"{v:.1%}" for v in e.window_share],
                             "enrichment [95 % CI]": [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
                                                      zip(e.enrichment, e.ci_low, e.ci_high)]}))
-    doc.image(figures["enrichment"], "Share of each domain in the top-k set over its share in the window.")
+    image("enrichment", "Share of each domain in the top-k set over its share in the window.")
     top = ev["top_samples"]
     if len(top):
         doc.paragraph("The most influential samples, decoded with the corpus tokenizer:")
@@ -449,20 +331,66 @@ def build_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str,
                                 "text (first 300 characters)": [("`" + t[:300].replace("`", "'") + ("…" if len(t) > 300 else "") + "`")
                                                                 if isinstance(t, str) else "(no tokenizer)" for t in top.text]}))
     doc.heading(2, "Influence distribution")
-    doc.image(figures["influence"], "Influence of every window sample on the probe, by domain, and its concentration.")
+    image("influence", "Influence of every window sample on the probe, by domain, and its concentration.")
     doc.heading(2, "Provenance")
     doc.paragraph(f"Commit `{commit}`; the `params.yaml` this report was made from:")
     doc.code(params_text)
     return doc
 
 
-def write_report(doc: Document, out: Path, title: str) -> None:
-    from mda.io import atomic_file
+def unit_section(doc: Document, ev: dict, image) -> None:
+    """The unit-level view: delays of the target head, its layer's best head and the model's."""
+    s = ev["summary"]
+    doc.heading(2, "The unit, not only the head")
+    doc.paragraph(f"A per-head emergence step cannot tell *the function formed later* from *the function formed "
+                  f"in another head*. Next to the target head, the best `{s['metric']}` score among the heads of "
+                  f"the target's layer and among all heads of the model, each with its own emergence step (the "
+                  f"same {s['threshold']:.0%} rule, relative to the baseline's window-end value of that level, same "
+                  f"probe seed) and delay (mean [95 % CI] over seeds).")
+    doc.table(unit_table(ev))
+    doc.paragraph(f"**Role moved** (rule fixed in advance): in a run, the role moved from target head T to head H "
+                  f"when T's window-end score is below its emergence level ({s['threshold']:.0%} of the baseline's "
+                  f"T at the window end, same probe seed), H is another head of T's layer whose window-end score "
+                  f"is at or above that level, and H's window-end score exceeds H's own baseline window-end score "
+                  f"by more than `evaluate.role_margin` = {s['role_margin']:g}.")
+    moved = {a: v for a, v in in_arm_order(s["role_moved"]).items() if v["moved"]}
+    if moved:
+        doc.paragraph("**The role moved to another head** in " + "; ".join(
+            f"`{a}`: {v['moved']} of {v['runs']} runs (to {', '.join(v['to'])})" for a, v in moved.items())
+            + ". In those runs the function formed in another head, so the target head's delay does not say when "
+              "the function formed: read the layer's and the model's delays.")
+    else:
+        doc.paragraph("The role did not move to another head in any run.")
+    short = role_table(ev["role_moves"])
+    if len(short):
+        doc.paragraph("Runs whose target head ended below its emergence level, and the head of its layer that "
+                      "rose most over its baseline (the rival):")
+        doc.table(short)
+    base = ev["unit_effects"][ev["unit_effects"].arm == "baseline"]
+    early = [LEVEL_LABELS[l] for l in LEVELS[1:]
+             if (base[base.level == l].emergence_step <= s["window"][0]).any()]
+    if early:
+        one = len(early) == 1
+        doc.paragraph(f"In the baseline, the {' and the '.join(early)} {'is' if one else 'are'} already at "
+                      f"{'its threshold' if one else 'their thresholds'} at the window start, so "
+                      f"{'its' if one else 'their'} delays cannot show an earlier emergence and say little.")
+    image("unit_levels", "The unit's score at three levels per arm (mean over seeds), each with its own threshold.")
 
-    with atomic_file(out / "report.md") as tmp:
-        tmp.write_text(doc.markdown())
-    with atomic_file(out / "report.html") as tmp:
-        tmp.write_text(doc.html(title))
+
+def write_report(ev: dict, scores: pd.DataFrame, params_text: str, commit: str, out: str | os.PathLike,
+                 title: str) -> Document:
+    """`out/report.md`, `out/report.html` and `out/figures/`, each replaced whole; nothing else under
+    `out` is touched (another stage may write there)."""
+    from mda.io import atomic_dir, atomic_file
+
+    out = Path(out)
+    with atomic_dir(out / FIGURES) as figures:
+        doc = build_report(ev, scores, params_text, commit, figures)
+        markdown, page = doc.markdown(), doc.html(title)  # the HTML embeds the PNGs before they move
+    for name, text in (("report.md", markdown), ("report.html", page)):
+        with atomic_file(out / name) as tmp:
+            tmp.write_text(text)
+    return doc
 
 
 def read_evaluation(directory: str | os.PathLike) -> dict:

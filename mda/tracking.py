@@ -89,9 +89,17 @@ def git_commit() -> str:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dicts (and params sections) → {"a.b.c": value}."""
+    from pydantic import BaseModel
+
+    from mda.config import unwrap
+
     out: dict[str, object] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        v = unwrap(v)
+        if isinstance(v, BaseModel):
+            v = v.model_dump()
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         else:

@@ -9,6 +9,14 @@ they would have had anyway (the rule interventions rely on).
 
 A checkpoint at step N holds the model after N updates, i.e. before the batch whose
 stream `step` is N; its trainer state lets training continue from there bit-exactly.
+
+Scale (`mda.compute`): every rank is handed the step's whole batch and trains on its own
+contiguous rows (`Runtime.shard`), `compute.micro_batch` rows per forward, accumulating
+gradients; the loss normaliser is still the whole step's token count, so the summed
+gradients equal the full batch's. The ranks' gradients are summed by one all-reduce of a
+flat buffer (what DDP does, as a sum: our loss is already normalised by the global token
+count), then every rank clips and steps identically. With one process and no micro-batches
+this is exactly one forward and backward of the batch.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from mda.compute import Runtime
 from mda.config import Pretrain
+from mda.lm import token_losses
 
 
 def pythia_save_steps(last_step: int, every: int) -> list[int]:
@@ -44,29 +53,26 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def token_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, row_len-1) next-token cross-entropy: inputs row[:-1], targets row[1:]."""
-    logits = model(input_ids=input_ids[:, :-1]).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), input_ids[:, 1:].flatten(),
-                           reduction="none").view(input_ids.shape[0], -1)
-
-
-def batch_loss(model, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The training loss of a step: weighted token losses summed, divided by all target tokens.
+def batch_loss(model, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None,
+               normaliser: int | None = None) -> torch.Tensor:
+    """The training loss of a step: weighted token losses summed, divided by all target tokens
+    of the step (`normaliser`; default: those of `input_ids`, i.e. the batch is the whole step).
     `row_weights` is one weight per row (batch,) or, for SFT's loss on response tokens only
     (mda.smda), one per target token (batch, row_len-1)."""
     losses = token_losses(model, input_ids)
     if row_weights is not None:
         weights = row_weights if row_weights.ndim == 2 else row_weights[:, None]
         losses = losses * weights.to(losses.dtype)
-    return losses.sum() / losses.numel()
+    return losses.sum() / (normaliser or losses.numel())
 
 
 class Trainer:
     """Optimizer, schedule and RNG bookkeeping around a model; `step()` makes one update."""
 
-    def __init__(self, model, recipe: Pretrain, total_steps: int):
-        self.model = model
+    def __init__(self, model, recipe: Pretrain, total_steps: int, rt: Runtime | None = None):
+        self.rt = rt or Runtime(device=torch.device("cpu"), dtype=torch.float32, micro_batch=None,
+                                threads=torch.get_num_threads())
+        self.model = model.to(self.rt.device)
         self.recipe = recipe
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and LayerNorms
@@ -84,15 +90,53 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def step(self, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None) -> float:
-        """One update on a batch; returns the batch's (weighted) mean token loss."""
-        self.model.train()
-        loss = batch_loss(self.model, input_ids, row_weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        """One update on a step's whole batch (every rank passes the same one); returns the
+        batch's (weighted) mean token loss."""
+        loss = self.accumulate(input_ids, row_weights)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return loss.item()
+        return loss
+
+    def accumulate(self, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None) -> float:
+        """The step's gradients in `.grad` (this rank's rows, micro-batch by micro-batch, then
+        summed over ranks) and the step's loss; no update."""
+        rt, model = self.rt, self.model
+        model.train()
+        mine = rt.shard(len(input_ids))
+        ids = input_ids[mine.start:mine.stop].to(rt.device)
+        weights = None if row_weights is None else row_weights[mine.start:mine.stop].to(rt.device)
+        normaliser = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        micro = rt.micro_batch or len(ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=rt.device)
+        for i in range(0, len(ids), micro):
+            with rt.autocast():
+                loss = batch_loss(model, ids[i:i + micro], None if weights is None else weights[i:i + micro],
+                                  normaliser)
+            loss.backward()
+            total += loss.detach()
+        if rt.distributed:
+            self._sum_gradients()
+            rt.all_reduce_sum(total)
+        return total.item()
+
+    def _sum_gradients(self) -> None:
+        """Sum every parameter's gradient over the ranks, as one flat buffer."""
+        params = list(self.model.parameters())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        self.rt.all_reduce_sum(flat)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def seek(self, step: int) -> None:
+        """Make the next update use the learning rate the schedule gives update `step`."""
+        self.scheduler.last_epoch = step - 1
+        self.scheduler.step()
 
     def state_dict(self, next_step: int) -> dict:
         return {
@@ -132,11 +176,12 @@ def train_steps(trainer: Trainer, batches, save_steps: set[int],
         save(end_step)
 
 
-def resume(checkpoint: str | os.PathLike, recipe: Pretrain) -> tuple[Trainer, int]:
-    """Model, optimizer, schedule and RNG exactly as saved at `checkpoint`; and the next step."""
+def resume(checkpoint: str | os.PathLike, recipe: Pretrain, rt: Runtime | None = None) -> tuple[Trainer, int]:
+    """Model, optimizer, schedule and RNG exactly as saved at `checkpoint`; and the next step.
+    (Any number of ranks can resume it: the state is the same on every rank.)"""
     from mda.model import load_model, load_trainer_state
 
     state = load_trainer_state(checkpoint)
     model = load_model(checkpoint)
-    trainer = Trainer(model, recipe, total_steps=state["total_steps"])
+    trainer = Trainer(model, recipe, total_steps=state["total_steps"], rt=rt)
     return trainer, trainer.load_state_dict(state)

@@ -16,6 +16,8 @@ prefix-matching score. `target_rows_only=False` reproduces TransformerLens (test
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from mda.heads import Head, block_weight
@@ -46,11 +48,28 @@ def repeated_random_tokens(vocab_size: int, sequences: int, half_len: int, seed:
     return torch.cat([halves, halves], dim=1)
 
 
+@contextmanager
+def eager_attention(model):
+    """Attention patterns need the eager kernel (fused kernels never form them): switch to it for
+    the block if the model runs another one."""
+    current = getattr(model.config, "_attn_implementation", "eager")
+    if current == "eager":
+        yield model
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(current)
+
+
 @torch.no_grad()
 def attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
     """(layers, batch, heads, query, key) attention probabilities of every head, one forward."""
-    out = model(input_ids=tokens, output_attentions=True)
-    return torch.stack(out.attentions)
+    with eager_attention(model):
+        out = model(input_ids=tokens.to(next(model.parameters()).device), output_attentions=True)
+    patterns = torch.stack(out.attentions)
+    return (patterns if patterns.dtype == torch.float64 else patterns.float()).cpu()
 
 
 # ----------------------------------------------------------------------------- detection patterns
@@ -166,8 +185,9 @@ def induction_target_logprob(logits: torch.Tensor, tokens: torch.Tensor, reducti
     """Log-probability of the induction target over positions that have one: per sequence
     mean, (batch,) — or `reduction="sum"`, one scalar summed over all sequences and positions
     (the influence probe). `positions` (bool, seq): `logits` cover only these positions."""
-    mask, targets = induction_targets(tokens)
+    mask, targets = (t.to(logits.device) for t in induction_targets(tokens.cpu()))
     if positions is not None:
+        positions = positions.to(logits.device)
         mask, targets = mask[:, positions], targets[:, positions]
     logits = logits if logits.dtype == torch.float64 else logits.float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0] * mask
@@ -190,7 +210,9 @@ def head_ablation_logprobs(model, tokens: torch.Tensor, max_sequences: int = 409
     for c in range(1, copies):
         mask[c, (c - 1) // heads, (c - 1) % heads] = 0
     per_chunk = max(1, max_sequences // tokens.shape[0])
+    tokens = tokens.cpu()
     positions = induction_targets(tokens)[0].any(0)  # unembed only where a target exists
+    device = next(model.parameters()).device
     means = []
     for start in range(0, copies, per_chunk):
         chunk_mask = mask[start:start + per_chunk]
@@ -198,17 +220,18 @@ def head_ablation_logprobs(model, tokens: torch.Tensor, max_sequences: int = 409
         current = {}
         hooks = [block.attention.dense.register_forward_pre_hook(
             lambda mod, args, layer=layer: (args[0] * current["m"][:, layer].repeat_interleave(hs, -1)
-                                            .repeat_interleave(tokens.shape[0], 0)[:, None, :].to(args[0].dtype),))
+                                            .repeat_interleave(tokens.shape[0], 0)[:, None, :]
+                                            .to(args[0].device, args[0].dtype),))
             for layer, block in enumerate(model.gpt_neox.layers)]
         current["m"] = chunk_mask
         try:
-            hidden = model.gpt_neox(input_ids=tokens.repeat(n_copies, 1)).last_hidden_state
+            hidden = model.gpt_neox(input_ids=tokens.repeat(n_copies, 1).to(device)).last_hidden_state
         finally:
             for hook in hooks:
                 hook.remove()
-        logits = model.get_output_embeddings()(hidden[:, positions])
+        logits = model.get_output_embeddings()(hidden[:, positions.to(device)])
         means.append(induction_target_logprob(logits, tokens.repeat(n_copies, 1), positions=positions)
-                     .view(n_copies, -1).mean(-1))
+                     .view(n_copies, -1).mean(-1).cpu())
     means = torch.cat(means)
     return means[0].item(), means[1:].view(layers, heads)
 

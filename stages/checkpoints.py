@@ -1,11 +1,19 @@
-"""DVC stage `checkpoints`: data/checkpoints/step<N>/ by local pretraining or from the hub."""
+"""DVC stage `checkpoints`: data/checkpoints/step<N>/ by local pretraining or from the hub.
+
+The output persists across runs (`persist: true` in dvc.yaml): a run that was stopped resumes
+from its last complete checkpoint; checkpoints of another run (other params, corpus or code)
+are discarded first (`mda.pretrain.open_run`).
+"""
+
+from pathlib import Path
 
 import pandas as pd
 
 from mda.cli import run_stage
-from mda.io import atomic_dir, atomic_file, write_json
+from mda.compute import runtime
+from mda.io import atomic_file, write_json
 from mda.model import download_hub_checkpoints
-from mda.pretrain import checkpoint_induction_scores, pretrain
+from mda.pretrain import checkpoint_induction_scores, hub_identity, open_run, pretrain
 from mda.tracking import stage_run
 
 CORPUS = "data/corpus"
@@ -16,17 +24,21 @@ INDUCTION_CSV = "plots/induction_curve.csv"
 
 
 def main(params):
-    section = {"model": params.model.model_dump(), "pretrain": params.pretrain.model_dump()}
+    section = {"model": params.model, "pretrain": params.pretrain, "compute": params.compute}
     with stage_run("checkpoints", section) as run:
-        with atomic_dir(OUT) as tmp:
-            if params.model.source == "hub":
-                download_hub_checkpoints(params.model.hub, tmp)
-                induction = checkpoint_induction_scores(params, tmp)
-                losses = []
-            else:
-                log = pretrain(params, CORPUS, tmp, on_update=_log_update(params, run),
-                               on_checkpoint=_log_checkpoint(run))
-                induction, losses = log.induction, log.losses
+        rt = runtime(params.compute)
+        if params.model.source == "hub":
+            done = open_run(Path(OUT), hub_identity(params), rt)
+            if rt.is_main:
+                download_hub_checkpoints(params.model.hub, OUT, skip=set(done))
+            induction = checkpoint_induction_scores(params, OUT)
+            losses = []
+        else:
+            log = pretrain(params, CORPUS, OUT, on_update=_log_update(params, run),
+                           on_checkpoint=_log_checkpoint(run))
+            induction, losses = log.induction, log.losses
+        if not rt.is_main:
+            return
         curve = pd.DataFrame({"step": sorted(induction),
                               "induction_score_max": [max(map(max, induction[s])) for s in sorted(induction)]})
         _write_csv(curve, INDUCTION_CSV)

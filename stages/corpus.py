@@ -9,7 +9,7 @@ OUT = "data/corpus"
 
 
 def main(params):
-    with stage_run("corpus", {"corpus": params.corpus.model_dump()}) as run:
+    with stage_run("corpus", {"corpus": params.corpus}) as run:
         with atomic_dir(OUT) as tmp:
             meta = build_corpus(params.corpus, tmp)
         run.log_metrics({"rows": meta["rows"], "tokens": meta["tokens"]})

@@ -11,8 +11,7 @@ from mda.cli import run_stage
 from mda.data.stream import Stream
 from mda.errors import MdaError
 from mda.evaluate import TABLES, evaluate, headline_metrics, json_ready
-from mda.influence.scoring import read_targets
-from mda.io import atomic_dir, atomic_file, write_json, write_parquet
+from mda.io import atomic_dir, atomic_file, read_targets, write_json, write_parquet
 from mda.tracking import flatten, stage_run
 
 RETRAIN, TARGETS, OUT = "data/retrain", "data/locate/targets.json", "data/evaluate"
@@ -29,7 +28,7 @@ def read_table(path, stage):
 
 
 def main(params):
-    with stage_run("evaluate", {"evaluate": params.evaluate.model_dump(), "retrain.seeds": params.retrain.seeds}) as run:
+    with stage_run("evaluate", {"evaluate": params.evaluate, "retrain.seeds": params.retrain.seeds}) as run:
         result = evaluate(params, RETRAIN, read_targets(TARGETS), read_table(SETS, "select"),
                           read_table(SCORES, "scores"), Stream(STREAM), TOKENIZER)
         metrics = headline_metrics(result)

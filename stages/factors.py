@@ -3,8 +3,9 @@
 from mda.cli import run_stage
 from mda.compute import runtime
 from mda.data.stream import Stream
-from mda.influence.scoring import fit_factors, read_targets, setup
-from mda.io import atomic_dir, write_json
+from mda.influence.factors import fit_factors
+from mda.influence.window import setup
+from mda.io import atomic_dir, read_targets, write_json
 from mda.tracking import stage_run
 
 CHECKPOINTS, STREAM, TARGETS = "data/checkpoints", "data/corpus/stream", "data/locate/targets.json"
@@ -13,12 +14,15 @@ OUT = "data/factors"
 
 def main(params):
     inf = params.influence
-    with stage_run("factors", {"influence": inf.model_dump()}) as run:
-        runtime(params.compute)
-        s = setup(inf, CHECKPOINTS, read_targets(TARGETS))
-        with atomic_dir(OUT) as tmp:
-            summary = fit_factors(inf, s, Stream(STREAM), tmp)
-            write_json(tmp / "summary.json", summary)
+    with stage_run("factors", {"influence": inf, "compute": params.compute}) as run:
+        rt = runtime(params.compute)
+        s = setup(inf, CHECKPOINTS, read_targets(TARGETS), rt)
+        if rt.is_main:
+            with atomic_dir(OUT) as tmp:
+                summary = fit_factors(inf, s, Stream(STREAM), tmp)
+                write_json(tmp / "summary.json", summary)
+        else:
+            summary = fit_factors(inf, s, Stream(STREAM), None)
         run.log_metrics({f"damping/{name}": b["damping"] for name, b in summary["blocks"].items()})
         run.log_metric("samples", summary["samples"])
         run.log_artifact(f"{OUT}/summary.json")

@@ -1,10 +1,13 @@
 """DVC stage `gradients`: per-sample training gradients of every target block over the
-window → data/gradients/shard-*.parquet + manifest.json (resumable: complete shards are kept)."""
+window → data/gradients/shard-*.parquet + manifest.json (resumable: complete shards made from
+the same inputs are kept; each rank of a distributed run writes its own shards)."""
 
 from mda.cli import run_stage
 from mda.compute import runtime
 from mda.data.stream import Stream
-from mda.influence.scoring import cache_gradients, read_targets, setup
+from mda.influence.gradients import cache_gradients
+from mda.influence.window import setup
+from mda.io import read_targets
 from mda.tracking import stage_run
 
 CHECKPOINTS, STREAM, TARGETS = "data/checkpoints", "data/corpus/stream", "data/locate/targets.json"
@@ -13,12 +16,11 @@ OUT = "data/gradients"
 
 def main(params):
     inf = params.influence
-    with stage_run("gradients", {"influence": inf.model_dump()}) as run:
-        runtime(params.compute)
-        s = setup(inf, CHECKPOINTS, read_targets(TARGETS))
-        manifest = cache_gradients(inf, s, Stream(STREAM), OUT)
-        run.log_metrics({"samples": manifest["samples"], "shards": len(manifest["shards"]),
-                            "reused_shards": manifest["reused_shards"]})
+    with stage_run("gradients", {"influence": inf, "compute": params.compute}) as run:
+        rt = runtime(params.compute)
+        s = setup(inf, CHECKPOINTS, read_targets(TARGETS), rt)
+        manifest, reused = cache_gradients(inf, s, Stream(STREAM), OUT)
+        run.log_metrics({"samples": manifest["samples"], "shards": len(manifest["shards"]), "reused_shards": reused})
         run.log_artifact(f"{OUT}/manifest.json")
 
 

@@ -6,6 +6,7 @@ import json
 import pyarrow as pa
 
 from mda.cli import run_stage
+from mda.compute import runtime
 from mda.io import atomic_dir, atomic_file, write_json, write_parquet
 from mda.locate import (METRIC_VERSIONS, check_request, choose_targets, plot_heatmap, plot_icl, plot_trajectories,
                         scan_checkpoints, target_curve)
@@ -20,10 +21,12 @@ CURVE_CSV = "plots/locate_target.csv"
 
 
 def main(params):
-    with stage_run("locate", {"locate": params.locate.model_dump()}) as run:
+    with stage_run("locate", {"locate": params.locate, "compute": params.compute}) as run:
         check_request(params.locate, CHECKPOINTS)
         meta = read_corpus_meta(CORPUS)
         heads, models, facts = scan_checkpoints(params, CHECKPOINTS, CORPUS, meta.get("vocab_size"))
+        if not runtime(params.compute).is_main:
+            return
         targets = choose_targets(heads, params.locate, facts)
         targets["metric_versions"] = METRIC_VERSIONS
         curve = target_curve(heads, models, targets)

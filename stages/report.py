@@ -1,4 +1,6 @@
-"""DVC stage `report`: the evaluation as reports/report.md, a self-contained report.html and PNGs."""
+"""DVC stage `report`: the evaluation as reports/report.md, a self-contained reports/report.html
+and the PNGs in reports/figures/ — three outputs, so that other stages may write elsewhere under
+reports/ (e.g. reports/smda/)."""
 
 import subprocess
 from pathlib import Path
@@ -8,8 +10,7 @@ import pandas as pd
 
 from mda.cli import run_stage
 from mda.errors import MdaError
-from mda.io import atomic_dir
-from mda.report import build_report, read_evaluation, write_report
+from mda.report import FIGURES, read_evaluation, write_report
 from mda.tracking import git_commit, repo_root, stage_run
 
 EVALUATE, SCORES, OUT = "data/evaluate", "data/scores/scores.parquet", "reports"
@@ -26,19 +27,17 @@ def commit_label() -> str:
 
 
 def main(params):
-    with stage_run("report", {"evaluate": params.evaluate.model_dump()}) as run:
+    with stage_run("report", {"evaluate": params.evaluate}) as run:
         ev = read_evaluation(EVALUATE)
         try:
             scores = pd.read_parquet(SCORES)
         except FileNotFoundError:
             raise MdaError(f"{SCORES}: missing; run the scores stage") from None
-        # Interim (the eval14 branch does this properly): three outputs, report.md, report.html and
-        # figures/, so that reports/smda/ can be another stage's output.
-        with atomic_dir(f"{OUT}/figures") as figures:
-            doc = build_report(ev, scores, Path("params.yaml").read_text(), commit_label(), figures)
-            doc.blocks = [("image", b[1], b[2], f"figures/{b[1].name}") if b[0] == "image" else b for b in doc.blocks]
-            write_report(doc, Path(OUT), title=f"mda report: {', '.join(ev['summary']['heads'])}")
-        run.log_artifacts(OUT, artifact_path="report")
+        write_report(ev, scores, Path("params.yaml").read_text(), commit_label(), OUT,
+                     title=f"mda report: {', '.join(ev['summary']['heads'])}")
+        for name in ("report.md", "report.html"):
+            run.log_artifact(f"{OUT}/{name}", artifact_path="report")
+        run.log_artifacts(f"{OUT}/{FIGURES}", artifact_path=f"report/{FIGURES}")
         run.set_tag("missing_runs", ", ".join(ev["summary"]["missing_runs"]) or "none")
 
 

@@ -4,21 +4,22 @@ Fixed arms (data independent of the seed) train once → data/retrain/<arm>/ wit
 trajectory per evaluation seed; random arms train per seed → data/retrain/<arm>-<seed>/.
 """
 
+import shutil
 import sys
-
+from pathlib import Path
 
 import pandas as pd
 
 from mda.cli import run_stage
+from mda.compute import runtime
 from mda.errors import MdaError
-from mda.influence.scoring import read_targets
 from mda.interventions import ARMS
-from mda.io import atomic_dir, write_json
+from mda.io import atomic_dir, read_targets, write_json
 from mda.pretrain import read_corpus_meta
 from mda.retrain import run_arm
 from mda.tracking import stage_run
 
-CORPUS, CHECKPOINTS = "data/corpus", "data/checkpoints"
+CORPUS, CHECKPOINTS, WORK = "data/corpus", "data/checkpoints", "data/.work/retrain"
 TARGETS, SETS = "data/locate/targets.json", "data/select/sets.parquet"
 
 
@@ -34,16 +35,21 @@ def main(params):
     except FileNotFoundError:
         raise MdaError(f"{SETS}: missing; run the select stage") from None
     vocab = read_corpus_meta(CORPUS).get("vocab_size")
+    work = Path(WORK) / Path(out).name  # resume points; removed once the output is complete
+    if not runtime(params.compute).is_main:
+        run_arm(params, arm, seeds, seeds[0], CORPUS, CHECKPOINTS, targets, sets, None, vocab, work)
+        return
     with atomic_dir(out) as tmp:
-        meta = run_arm(params, arm, seeds, seeds[0], CORPUS, CHECKPOINTS, targets, sets, tmp, vocab)
+        meta = run_arm(params, arm, seeds, seeds[0], CORPUS, CHECKPOINTS, targets, sets, tmp, vocab, work)
         write_json(tmp / "meta.json", meta)
+    shutil.rmtree(work)
     trajectory = pd.read_parquet(f"{out}/trajectory.parquet")
     target = targets["heads"][0]
     metric = targets["metric"]
     for s in seeds:  # one MLflow run per arm × seed, grouped by the pipeline id
         tags = {"arm": arm, "seed": str(s), "trained_once": str(fixed).lower(),
                 "fresh_optimizer": str(meta["fresh_optimizer"]).lower()}
-        with stage_run("retrain", {"retrain": r.model_dump(), "arm": arm, "seed": s},
+        with stage_run("retrain", {"retrain": r, "arm": arm, "seed": s},
                        run_name=f"retrain-{arm}-{s}", tags=tags) as run:
             rows = trajectory[(trajectory.seed == s) & (trajectory.layer == target["layer"])
                               & (trajectory["head"] == target["head"])]

@@ -5,9 +5,9 @@ import pyarrow as pa
 
 from mda.cli import run_stage
 from mda.errors import MdaError
-from mda.influence.scoring import concentration, read_targets
+from mda.influence.scoring import concentration
 from mda.interventions import select_sets, set_size
-from mda.io import atomic_dir, write_json, write_parquet
+from mda.io import atomic_dir, read_targets, write_json, write_parquet
 from mda.tracking import stage_run
 
 SCORES, TARGETS, OUT = "data/scores/scores.parquet", "data/locate/targets.json", "data/select"
@@ -15,7 +15,7 @@ SCORES, TARGETS, OUT = "data/scores/scores.parquet", "data/locate/targets.json",
 
 def main(params):
     sel = params.select
-    with stage_run("select", {"select": sel.model_dump(), "retrain.seeds": params.retrain.seeds}) as run:
+    with stage_run("select", {"select": sel, "retrain.seeds": params.retrain.seeds}) as run:
         try:
             scores = pd.read_parquet(SCORES)
         except FileNotFoundError:

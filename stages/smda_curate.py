@@ -13,7 +13,7 @@ INFLUENCE, TASK, OUT, METRICS = "data/smda/influence", "data/smda/task", "data/s
 
 def main(params):
     smda = params.smda
-    with stage_run("smda-curate", {"smda.curate": smda.curate.model_dump(), "smda.sft.seeds": smda.sft.seeds}) as run:
+    with stage_run("smda-curate", {"smda.curate": smda.curate, "smda.sft.seeds": smda.sft.seeds}) as run:
         result = run_curate(params, INFLUENCE, TASK)
         with atomic_dir(OUT) as tmp:
             for name in ("removed", "curation"):

@@ -14,7 +14,7 @@ TABLES = ("runs", "per_set", "hypothesis")
 
 
 def main(params):
-    with stage_run("smda-evaluate", {"smda.evaluate": params.smda.evaluate.model_dump()}) as run:
+    with stage_run("smda-evaluate", {"smda.evaluate": params.smda.evaluate}) as run:
         result = run_evaluate(params, INSTRUCT, TASK, SFT)
         with atomic_dir(OUT) as tmp:
             for name in TABLES:

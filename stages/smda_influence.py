@@ -13,7 +13,7 @@ OUT = "data/smda/influence"
 
 
 def main(params):
-    with stage_run("smda-influence", {"smda.influence": params.smda.influence.model_dump()}) as run:
+    with stage_run("smda-influence", {"smda.influence": params.smda.influence}) as run:
         result = run_influence(params, INSTRUCT, SAE, POLICY, TASK)
         with atomic_dir(OUT) as tmp:
             for name in ("scores", "per_feature"):

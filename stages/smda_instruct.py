@@ -12,8 +12,8 @@ TASK, OUT = "data/smda/task", "data/smda/instruct"
 
 def main(params):
     smda = params.smda
-    with stage_run("smda-instruct", {"smda.instruct": smda.instruct.model_dump(),
-                                     "smda.model": smda.model.model_dump()}) as run:
+    with stage_run("smda-instruct", {"smda.instruct": smda.instruct,
+                                     "smda.model": smda.model}) as run:
         log_step = lambda step, loss, lr: run.log_metrics({"loss": loss, "lr": lr}, step=step)
         with atomic_dir(OUT) as tmp:
             _, meta = run_instruct(params, CHECKPOINTS, CORPUS_TOKENIZER, TASK, tmp, on_step=log_step)

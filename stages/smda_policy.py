@@ -14,7 +14,7 @@ OUT, METRICS = "data/smda/policy", "metrics/smda_policy.json"
 
 
 def main(params):
-    with stage_run("smda-policy", {"smda.policy": params.smda.policy.model_dump()}) as run:
+    with stage_run("smda-policy", {"smda.policy": params.smda.policy}) as run:
         result = run_policy(params, INSTRUCT, SAE, TASK)
         summary = result["summary"]
         with atomic_dir(OUT) as tmp:

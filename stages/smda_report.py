@@ -12,7 +12,7 @@ DATA, OUT = "data/smda", "reports/smda"
 
 
 def main(params):
-    with stage_run("smda-report", {"smda.evaluate": params.smda.evaluate.model_dump()}) as run:
+    with stage_run("smda-report", {"smda.evaluate": params.smda.evaluate}) as run:
         results = read_results(DATA)
         with atomic_dir(OUT) as tmp:
             doc = build_report(results, Path("params.yaml").read_text(), git_commit()[:12], tmp)

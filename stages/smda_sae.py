@@ -10,7 +10,7 @@ INSTRUCT, TASK, OUT, METRICS = "data/smda/instruct", "data/smda/task", "data/smd
 
 
 def main(params):
-    with stage_run("smda-sae", {"smda.sae": params.smda.sae.model_dump()}) as run:
+    with stage_run("smda-sae", {"smda.sae": params.smda.sae}) as run:
         log_row = lambda row: run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         with atomic_dir(OUT) as tmp:
             metrics = run_sae(params, INSTRUCT, TASK, tmp, on_log=log_row)

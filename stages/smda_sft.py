@@ -31,7 +31,7 @@ def main(params):
     set_name, seed = parse_args(params, sys.argv[1:])
     out = f"data/smda/sft/{set_name}-{seed}"
     tags = {"set": set_name, "seed": str(seed)}
-    with stage_run("smda-sft", {"smda.sft": params.smda.sft.model_dump(), "set": set_name, "seed": seed},
+    with stage_run("smda-sft", {"smda.sft": params.smda.sft, "set": set_name, "seed": seed},
                    run_name=f"smda-sft-{set_name}-{seed}", tags=tags) as run:
         log_step = lambda step, loss, lr: run.log_metrics({"loss": loss, "lr": lr}, step=step)
         result = run_sft(params, set_name, seed, INSTRUCT, TASK, CURATE, on_step=log_step)

@@ -12,7 +12,7 @@ CORPUS_TOKENIZER, OUT = "data/corpus/tokenizer", "data/smda/task"
 
 def main(params):
     smda = params.smda
-    with stage_run("smda-task", {"smda.task": smda.task.model_dump(), "smda.model": smda.model.model_dump()}) as run:
+    with stage_run("smda-task", {"smda.task": smda.task, "smda.model": smda.model}) as run:
         pairs, truth, prompts, meta = run_task(params, CORPUS_TOKENIZER)
         with atomic_dir(OUT) as tmp:
             for name, frame in (("pairs", pairs), ("truth", truth), ("prompts", prompts)):

@@ -53,6 +53,20 @@ def trained_repo(tmp_path_factory):
     return repo
 
 
+@pytest.fixture(scope="session")
+def quick_repo(tmp_path_factory):
+    """A repo on the `quick` preset after one whole `dvc repro` (the DAG CI runs once), with
+    every params key each stage read recorded in `params-read.jsonl` (tests/test_dvc_deps.py)."""
+    import os
+
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("quick") / "repo",
+                              yaml.safe_load((REPO / "presets/quick.yaml").read_text()))
+    env = {**os.environ, "MDA_RECORD_PARAMS": str(repo / "params-read.jsonl")}
+    res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return repo
+
+
 def make_pipeline_repo(repo: Path, params: dict | None = None) -> Path:
     """A git+DVC repo with the code, dvc.yaml, the plot template and `params` (default: tiny)."""
     repo.mkdir(parents=True)
@@ -97,9 +111,13 @@ def tiny_model(seed):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    return GPTNeoXForCausalLM(GPTNeoXConfig(
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=32))
+    with torch.no_grad():  # peaked attention, different in every head (the init's is near uniform)
+        for block in model.gpt_neox.layers:
+            block.attention.query_key_value.weight.add_(torch.randn_like(block.attention.query_key_value.weight))
+    return model
 
 
 def add_revision(cache, revision, saved):

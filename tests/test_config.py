@@ -14,10 +14,14 @@ def write(tmp_path, data) -> Path:
     return p
 
 
-def test_repo_params_and_presets_are_valid():
+def test_repo_params_and_presets_are_valid(tmp_path):
     load_params(REPO / "params.yaml")
     for preset in (REPO / "presets").glob("*.yaml"):
-        load_params(preset)
+        raw = yaml.safe_load(preset.read_text())
+        if raw["corpus"]["source"] == "pythia":  # the user sets the data path (tests/test_pythia_shapes.py)
+            raw["corpus"]["pythia"]["path"] = "/data/pile"
+        (tmp_path / preset.name).write_text(yaml.safe_dump(raw))
+        load_params(tmp_path / preset.name)
 
 
 @pytest.mark.parametrize("data, needle", [
@@ -30,6 +34,8 @@ def test_repo_params_and_presets_are_valid():
     ({"corpus": {"synthetic": {"mix": {"poetry": 1.0}}}}, "corpus.synthetic.mix.poetry"),
     ({"corpus": {"seq_len": 512}}, "exceeds model.max_position_embeddings"),
     ({"corpus": {"source": "pythia"}}, "corpus.pythia.path is required"),
+    ({"model": {"hub": {"size": "13m"}}}, "model.hub.size: Input should be '14m', '31m', '70m', '160m', '410m', "
+                                          "'1b', '1.4b', '2.8b', '6.9b' or '12b' (got '13m')"),
 ])
 def test_bad_params_name_the_key(tmp_path, data, needle):
     with pytest.raises(ConfigError) as err:
@@ -43,6 +49,27 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(write(tmp_path, "corpus: [unclosed"))
+
+
+@pytest.mark.parametrize("size", ["14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"])
+def test_every_published_pythia_size_is_accepted(tmp_path, size):
+    """As YAML spells them (unquoted `1.4b`, `12b`): each is one of EleutherAI's Pythia models."""
+    params = load_params(write(tmp_path, f"model:\n  source: hub\n  hub:\n    size: {size}\n"))
+    assert params.model.hub.repo_id == f"EleutherAI/pythia-{size}"
+
+
+def test_empty_params_file_stops_the_stage_with_one_line(pipeline_repo):
+    """An empty params.yaml (or one of comments only) would otherwise run every stage on the
+    schema's defaults without a word."""
+    files = lambda: sorted(p.relative_to(pipeline_repo) for p in pipeline_repo.rglob("*") if "__pycache__" not in p.parts)
+    before = files()
+    for text in ("", "# params.yaml\n\n# (all commented out)\n"):
+        (pipeline_repo / "params.yaml").write_text(text)
+        res = run_stage(pipeline_repo, "corpus")
+        assert res.returncode == 2
+        assert res.stderr.strip().splitlines() == [
+            "error: params.yaml: empty (no sections); every stage reads its settings from this file"]
+        assert files() == before  # nothing written: no data/, no metrics/, no mlflow.db
 
 
 def test_stage_exits_2_and_writes_nothing(pipeline_repo):
@@ -67,3 +94,20 @@ def test_quick_preset_is_a_complete_params_file():
     preset = yaml.safe_load((REPO / "presets/quick.yaml").read_text())
     assert set(preset) == set(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert load_params(REPO / "presets/quick.yaml").corpus.steps == 200
+
+
+def test_power_preset_is_the_default_with_19_random_sets():
+    default = yaml.safe_load((REPO / "params.yaml").read_text())
+    power = yaml.safe_load((REPO / "presets/power.yaml").read_text())
+    assert power["retrain"]["seeds"] == list(range(19))
+    power["retrain"]["seeds"] = default["retrain"]["seeds"]
+    assert power == default
+
+
+def test_lds_preset_is_the_default_with_the_lds_stage_on():
+    default = yaml.safe_load((REPO / "params.yaml").read_text())
+    preset = yaml.safe_load((REPO / "presets/lds.yaml").read_text())
+    assert default["lds"]["enabled"] is False and preset["lds"]["enabled"] is True
+    assert preset["lds"]["subsets"] >= 32
+    preset["lds"]["enabled"] = False
+    assert preset == default

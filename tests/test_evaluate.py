@@ -9,7 +9,8 @@ import pytest
 from mda.config import Evaluate, parse_params
 from mda.errors import MdaError
 from mda.evaluate import (arm_summary, domain_enrichment, icl_coupling, read_runs, run_effects,
-                          t_interval, targeted_vs_random, transfer, transfer_summary)
+                          targeted_vs_random, transfer, transfer_summary)
+from mda.stats import t_interval
 from mda.units import first_crossing
 
 EV = Evaluate()
@@ -74,13 +75,18 @@ def test_targeted_vs_random_ranks_the_targeted_effect_among_random_sets():
     rows += [curve("remove-random", s, 1200 + 50 * s) for s in range(3)]  # delays 0, 50, 100
     rows += [curve("augment-top", s, 1250) for s in range(3)]         # delay +50: wrong direction
     rows += [curve("augment-random", s, 1200 - 50 * s) for s in range(3)]
-    e = run_effects(pd.concat(rows), WINDOW, EV, set())
+    e = run_effects(pd.concat(rows), WINDOW, EV, {"baseline", "remove-top", "augment-top"})
     t = targeted_vs_random(e).set_index(["arm", "effect"])
-    assert t.loc[("remove-top", "delay"), "p_value"] == pytest.approx(0.25)  # beyond all 3 sets: 1/(1+3)
-    assert t.loc[("remove-top", "delay"), "min_p"] == pytest.approx(0.25)
+    assert t.loc[("remove-top", "delay"), "targeted_models"] == 1  # trained once: its probe seeds averaged
+    assert t.loc[("remove-top", "delay"), "rank_p"] == pytest.approx(0.25)  # beyond all 3 sets: 1/(1+3)
+    assert t.loc[("remove-top", "delay"), "rank_min_p"] == pytest.approx(0.25)
+    assert t.loc[("remove-top", "delay"), "test"] == "t"  # K = 3 < 19: the t-test decides
+    assert t.loc[("remove-top", "delay"), "p_value"] == t.loc[("remove-top", "delay"), "t_p"]
+    # delay 300 against 0, 50, 100: t = (300 − 50) / (50 · √(1 + 1/3)), df = 2
+    assert t.loc[("remove-top", "delay"), "t"] == pytest.approx(250 / (50 * math.sqrt(4 / 3)))
     assert t.loc[("remove-top", "delay"), "random_mean"] == pytest.approx(50)
-    assert t.loc[("augment-top", "delay"), "p_value"] == pytest.approx(1.0)  # every random set advanced more
-    assert t.loc[("remove-top", "delta_auc"), "p_value"] == pytest.approx(0.25)
+    assert t.loc[("augment-top", "delay"), "rank_p"] == pytest.approx(1.0)  # every random set advanced more
+    assert t.loc[("remove-top", "delta_auc"), "rank_p"] == pytest.approx(0.25)
 
 
 def test_icl_coupling_correlation_and_sign_agreement():
@@ -158,3 +164,113 @@ def test_read_runs_lists_missing_runs_and_names_bad_files(tmp_path):
             p.unlink()
     with pytest.raises(MdaError, match="baseline: missing"):
         read_runs(params, tmp_path)
+
+
+def effects_table(arm_delays: dict, trained_once=("baseline", "remove-top", "augment-top")) -> pd.DataFrame:
+    """An effects table straight from delays per arm (one value per seed); other effects follow the delay."""
+    rows = []
+    for arm, delays in arm_delays.items():
+        for seed, d in enumerate(delays):
+            rows.append({"arm": arm, "seed": seed, "trained_once": arm in trained_once, "delay": d,
+                         "emergence_step": 1500 + d, "delta_auc": -d / 1000, "delta_score": -d / 1000,
+                         "icl_gain": -d / 1000, "delta_heldout_loss": d / 1000})
+    return pd.DataFrame(rows)
+
+
+def test_a_seeded_targeted_arm_is_compared_as_a_group_of_models():
+    from scipy import stats
+
+    e = effects_table({"baseline": [0, 0, 0], "augment-synthetic": [-100, -120, -110], "augment-random": [0, -10, 10]})
+    t = targeted_vs_random(e).set_index(["arm", "effect"]).loc[("augment-synthetic", "delay")]
+    assert t.control == "augment-random" and t.direction == -1 and t.targeted_models == 3
+    assert t.targeted == pytest.approx(-110) and t.random_sets == 3
+    assert t.rank_p == pytest.approx(1 / 20)  # C(6, 3) = 20 groupings, ours the most extreme
+    ref = stats.ttest_ind([-100, -120, -110], [0, -10, 10], equal_var=True, alternative="less")
+    assert (t.t, t.df, t.t_p) == pytest.approx((ref.statistic, 4, ref.pvalue))
+    assert t.test == "t" and t.p_value == t.t_p
+
+
+# ----------------------------------------------------------------------------- the unit, not only the head
+def head_trajectories(arm, seed, scores: dict, steps=np.arange(1000, 2001, 100)):
+    """Per-head trajectories: scores[(layer, head)] = a function of the steps."""
+    return pd.concat([pd.DataFrame({"arm": arm, "seed": seed, "step": steps, "layer": layer, "head": head,
+                                    "prefix_matching": f(steps), "icl_score": -1.0, "heldout_loss": 3.0})
+                      for (layer, head), f in scores.items()], ignore_index=True)
+
+
+FLAT = lambda level: (lambda steps: np.full(len(steps), level))
+
+
+def role_runs():
+    """Target L1H0. Baseline: L1H0 forms at 1200 (→ 0.8), L1H1 flat 0.1, L0H0 flat 0.05.
+    remove-top: L1H0 never forms, L1H1 forms at 1200 instead — the role moved.
+    remove-random: L1H0 forms 200 steps later, L1H1 unchanged — delayed, not moved.
+    augment-top: L1H0 never forms, L1H1 rises by only 0.05 — below the margin and the level: not moved.
+    augment-random: L1H0 ends at 0.3 (< level 0.4), L1H1 at 0.45 (≥ level, +0.35 over its baseline
+    0.1, > margin) — moved; L0H0 is the model's best head all along (0.9)."""
+    runs = []
+    for seed in (0, 1):
+        runs.append(head_trajectories("baseline", seed, {(1, 0): lambda s: ramp(s, 1200), (1, 1): FLAT(0.1),
+                                                          (0, 0): FLAT(0.05)}))
+        runs.append(head_trajectories("remove-top", seed, {(1, 0): FLAT(0.1), (1, 1): lambda s: ramp(s, 1200),
+                                                            (0, 0): FLAT(0.05)}))
+        runs.append(head_trajectories("remove-random", seed, {(1, 0): lambda s: ramp(s, 1400), (1, 1): FLAT(0.1),
+                                                               (0, 0): FLAT(0.05)}))
+        runs.append(head_trajectories("augment-top", seed, {(1, 0): FLAT(0.1), (1, 1): FLAT(0.15),
+                                                             (0, 0): FLAT(0.05)}))
+    runs.append(head_trajectories("augment-random", 0, {(1, 0): FLAT(0.3), (1, 1): FLAT(0.45), (0, 0): FLAT(0.9)}))
+    return pd.concat(runs, ignore_index=True)
+
+
+def test_unit_levels_take_the_best_head_of_the_layer_and_of_the_model():
+    from mda.unit_view import unit_trajectories
+
+    u = unit_trajectories(role_runs(), TARGETS).set_index(["arm", "seed", "step", "level"])
+    assert u.loc[("remove-top", 0, 2000, "head"), "score"] == pytest.approx(0.1)
+    assert u.loc[("remove-top", 0, 2000, "layer"), ["score", "best_head"]].tolist() == [pytest.approx(0.8), "L1H1"]
+    assert u.loc[("remove-top", 0, 1000, "layer"), "best_head"] == "L1H0"  # 0.1 vs 0.0 at the start
+    assert u.loc[("augment-random", 0, 1500, "model"), ["score", "best_head"]].tolist() == [pytest.approx(0.9), "L0H0"]
+    assert u.loc[("augment-random", 0, 1500, "layer"), "best_head"] == "L1H1"
+
+
+def test_unit_level_delays_and_role_moves():
+    from mda.evaluate import unit_level
+
+    unit = unit_level(role_runs(), TARGETS, WINDOW, EV, {"baseline", "remove-top", "augment-top"})
+    e = unit["unit_effects"].set_index(["arm", "seed", "level"])
+    # baseline head and layer: 0.8 at the end, threshold 0.4, reached at 1200 + 250
+    assert e.loc[("baseline", 0, "layer"), "emergence_step"] == pytest.approx(1450)
+    # remove-top: the target never forms; its layer forms on time (L1H1 took over)
+    assert math.isnan(e.loc[("remove-top", 0, "head"), "delay"])
+    assert e.loc[("remove-top", 0, "layer"), "delay"] == pytest.approx(0)
+    assert e.loc[("remove-top", 0, "layer"), "best_head_end"] == "L1H1"
+    # remove-random: delayed at every level alike
+    assert e.loc[("remove-random", 1, "head"), "delay"] == pytest.approx(200)
+    assert e.loc[("remove-random", 1, "layer"), "delay"] == pytest.approx(200)
+    per_arm = unit["unit_per_arm"].set_index(["arm", "level", "effect"])
+    assert per_arm.loc[("remove-random", "layer", "delay"), "mean"] == pytest.approx(200)
+    assert per_arm.loc[("remove-top", "head", "delay"), "not_emerged"] == 2
+
+    moves = unit["role_moves"].set_index(["arm", "seed"])
+    assert moves.loc[("remove-top", 0), "moved_to"] == "L1H1" and moves.loc[("remove-top", 1), "moved_to"] == "L1H1"
+    assert moves.loc[("remove-top", 0), ["target_end", "level", "rival_end", "rival_baseline_end"]].tolist() == \
+        pytest.approx([0.1, 0.4, 0.8, 0.1])
+    assert moves.loc[("remove-random", 0), "moved_to"] == ""   # the target formed (late): nothing moved
+    assert moves.loc[("augment-top", 0), "moved_to"] == ""     # rival 0.15: below the level, rise 0.05 < margin
+    assert moves.loc[("augment-random", 0), "moved_to"] == "L1H1"  # 0.45 ≥ 0.4 and +0.35 over its baseline
+    from mda.evaluate import role_summary
+
+    assert role_summary(unit["role_moves"]) == {
+        "remove-top": {"runs": 2, "moved": 2, "to": ["L1H1"]}, "remove-random": {"runs": 2, "moved": 0, "to": []},
+        "augment-top": {"runs": 2, "moved": 0, "to": []}, "augment-random": {"runs": 1, "moved": 1, "to": ["L1H1"]}}
+
+
+def test_role_moved_needs_the_rise_to_exceed_the_margin():
+    from mda.unit_view import role_moves
+
+    ends = pd.DataFrame({"arm": ["baseline", "baseline", "remove-top", "remove-top"], "seed": 0, "layer": 1,
+                         "head": [0, 1, 0, 1], "score_end": [0.8, 0.35, 0.2, 0.44]})
+    assert role_moves(ends, TARGETS, 0.5, margin=0.1).moved_to.tolist() == [""]     # rose 0.09
+    assert role_moves(ends, TARGETS, 0.5, margin=0.05).moved_to.tolist() == ["L1H1"]  # rose 0.09 > 0.05
+    ends.loc[3, "score_end"] = 0.39  # rose 0.04 and below the level 0.4
+    assert role_moves(ends, TARGETS, 0.5, margin=0.01).moved_to.tolist() == [""]

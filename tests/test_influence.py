@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -134,10 +135,28 @@ def test_eigenvalue_correction_is_the_fisher_diagonal_in_the_eigenbasis():
     assert f.damping == pytest.approx(0.1 * f.eigenvalues.mean().item())
 
 
+def top_overlap(x, y, fraction: float = 0.1) -> float:
+    """Share of the top `fraction` of samples by x that are also in the top `fraction` by y."""
+    k = max(1, int(round(fraction * len(x))))
+    top = lambda v: set(np.argsort(-np.asarray(v), kind="stable")[:k].tolist())
+    return len(top(x) & top(y)) / k
+
+
+def agreement(estimate, exact) -> dict:
+    """Spearman, Pearson and the top-10 % overlap of an estimator's scores with the exact ones."""
+    return {"spearman": spearman(estimate, exact),
+            "pearson": float(np.corrcoef(np.asarray(estimate), np.asarray(exact))[0, 1]),
+            "top10": top_overlap(estimate, exact)}
+
+
 def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
     """EK-FAC vs the exact damped-inverse influence on a model small enough for the explicit
     Fisher of the head's blocks (512 parameters, qk + v + o). The exact side uses the same
-    label draws and per-block damping; the identity baseline is the plain gradient dot product."""
+    label draws and per-block damping; K-FAC (the same factors without the eigenvalue
+    correction, `mda.influence.estimators`) shows what the correction adds, and the identity
+    (plain gradient dot products) what any curvature adds."""
+    from mda.influence.estimators import preconditioners
+
     model = tiny_model()
     head = Head(1, 0)
     blocks = head_blocks(model.config, head)
@@ -152,8 +171,13 @@ def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
     grads = {n: per_sample_gradients(a, g) for n, (a, g) in capture_batch(model, train, blocks).items()}
     g_train, g_probe = flat(grads, blocks), flat({n: v[None] for n, v in probe.items()}, blocks)[0]
     exact = -(g_train @ torch.linalg.solve(fisher + torch.diag(damping), g_probe))
-    ekfac = -sum((grads[b.name] * factors[b.name].precondition(probe[b.name])).sum((1, 2)) for b in blocks)
-    identity = -(g_train @ g_probe)
+
+    def scores(estimator):
+        inverse = preconditioners(factors, estimator)
+        return -sum((grads[b.name] * inverse[b.name].precondition(probe[b.name])).sum((1, 2)) for b in blocks)
+
+    ekfac, kfac, identity = scores("ekfac"), scores("kfac"), scores("identity")
+    assert torch.allclose(identity, -(g_train @ g_probe), rtol=1e-12, atol=0)
     # The same without cross-block curvature: what is left is EK-FAC's within-block error.
     blockwise, start = torch.zeros(len(train), dtype=torch.float64), 0
     for b in blocks:
@@ -162,14 +186,98 @@ def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
         start += n
         blockwise -= g_train[:, part] @ torch.linalg.solve(
             fisher[part, part] + factors[b.name].damping * torch.eye(n, dtype=torch.float64), g_probe[part])
-    rho, rho_identity, rho_blockwise = spearman(ekfac, exact), spearman(identity, exact), spearman(ekfac, blockwise)
+    vs = {name: agreement(v, exact) for name, v in (("EK-FAC", ekfac), ("K-FAC", kfac), ("identity", identity))}
+    rho_blockwise = spearman(ekfac, blockwise)
     with capsys.disabled():
-        print(f"\n[exact check] Spearman(EK-FAC, exact) = {rho:.3f}; (identity, exact) = {rho_identity:.3f}; "
-              f"(EK-FAC, exact block-diagonal) = {rho_blockwise:.3f}")
-    # Measured when written: 0.861 / 0.446 / 0.936. The issue's goal of 0.95 against the full
-    # exact inverse is NOT met on this model (see the closing note); this guards what we have.
-    assert rho > rho_identity + 0.3
+        print("\n[exact check] against the exact damped Fisher inverse (200 samples; top 10 % = 20):")
+        for name, m in vs.items():
+            print(f"  {name:8s} Spearman {m['spearman']:.3f}  Pearson {m['pearson']:.3f}  "
+                  f"top-10 % overlap {m['top10']:.2f}")
+        print(f"  EK-FAC vs the exact block-diagonal inverse: Spearman {rho_blockwise:.3f}")
+    rho, rho_identity = vs["EK-FAC"]["spearman"], vs["identity"]["spearman"]
+    # Measured (torch 2.13 CPU): Spearman / Pearson / top-10 % overlap — EK-FAC 0.838 / 0.840 /
+    # 0.60, K-FAC 0.834 / 0.820 / 0.55, identity 0.485 / 0.494 / 0.30; EK-FAC vs block-diagonal
+    # 0.912. The issue's goal of 0.95 against the full exact inverse is NOT met on this model (see
+    # the README); this guards what we have. The eigenvalue correction buys little here (K-FAC is
+    # within 0.01 Spearman), so no ordering between EK-FAC and K-FAC is asserted.
+    assert rho > rho_identity + 0.3 and vs["EK-FAC"]["pearson"] > vs["identity"]["pearson"] + 0.3
     assert rho >= 0.8 and rho_blockwise >= 0.9
+    assert vs["K-FAC"]["spearman"] > rho_identity + 0.3
+
+
+# ----------------------------------------------------------------------------- sign and scale, end to end
+def test_scores_from_cache_predict_what_a_preconditioned_step_on_the_sample_does_to_the_probe(tmp_path, tiny_params):
+    """The scores stage's own path (factors → gradient shards → H⁻¹∇f → `scores_from_cache`)
+    against the definition its sign convention states: one step −η H⁻¹∇L(z) on the head's blocks
+    changes the probe by η · score(z). Checked by a central finite difference of the probe along
+    that step, with ∇L(z) from a plain backward of the sample's summed cross-entropy: the highest-
+    and lowest-scored samples' steps raise and lower the probe by their scores. H⁻¹ is the fitted
+    factors' (checked against the explicit Fisher and kronfluence by the tests above and in
+    test_kronfluence_agreement.py); what this pins is everything around it — sign, scale, the
+    head's rows, the shards' storage and the block sum."""
+    from mda.data.corpus import build_corpus
+    from mda.data.stream import Stream
+    from mda.compute import Runtime
+    from mda.config import ProbeSettings
+    from mda.influence.factors import fit_factors, load_factors
+    from mda.influence.gradients import cache_gradients
+    from mda.influence.scoring import preconditioned_probe, scores_from_cache
+    from mda.influence.window import setup
+    from mda.locate import probe_tokens
+    from mda.model import load_model, neox_config, new_model, save_model, step_dir
+
+    vocab = build_corpus(tiny_params.corpus, tmp_path / "corpus")["vocab_size"]
+    stream = Stream(tmp_path / "corpus" / "stream")
+    model = new_model(neox_config(tiny_params.model, vocab), seed=0)
+    with torch.no_grad():  # peaked, head-specific attention rather than near-uniform init
+        for block in model.gpt_neox.layers:
+            block.attention.query_key_value.weight.add_(0.3 * torch.randn_like(block.attention.query_key_value.weight))
+    save_model(model, step_dir(tmp_path / "ckpts", 12))
+    head = Head(1, 0)
+    targets = {"unit": "induction", "heads": [{"name": head.name, "layer": 1, "head": 0}],
+               "window": {"start": 0, "end": 12}, "influence_step": 12}
+    inf = Influence(factor_samples=0, batch_size=16, probe_sequences=4, probe_half_len=8)
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, micro_batch=None, threads=1)
+    s = setup(inf, tmp_path / "ckpts", targets, rt, dtype=torch.float64)
+    fit_factors(inf, s, stream, tmp_path / "factors")
+    factors = load_factors(tmp_path / "factors", s)
+    cache_gradients(inf, s, stream, tmp_path / "gradients")
+    scores = scores_from_cache(inf, s, stream, tmp_path / "gradients", preconditioned_probe(inf, s, factors))
+    assert len(scores) == 48 and (scores.score > 0).any() and (scores.score < 0).any()
+
+    fresh = load_model(step_dir(tmp_path / "ckpts", 12), dtype=torch.float64)
+    tokens = probe_tokens(ProbeSettings(sequences=4, half_len=8, seed=inf.probe_seed), fresh.config, None)
+    rows = stream.read(0, 11, columns=["sample_id", "input_ids"]).to_pandas().set_index("sample_id")
+    blocks = head_blocks(fresh.config, head)
+    for z in (scores.score.idxmax(), scores.score.idxmin()):
+        sample, score = int(scores.sample_id[z]), float(scores.score[z])
+        ids = torch.tensor(rows.input_ids[sample], dtype=torch.long)
+        fresh.zero_grad()
+        F.cross_entropy(fresh(input_ids=ids[None, :-1]).logits[0], ids[1:], reduction="sum").backward()
+        step = {}  # −H⁻¹∇L(z), laid into each block's rows / columns of its module's weight
+        for b in blocks:
+            weight = b.linear(fresh).weight
+            full = torch.zeros_like(weight)
+            direction = -factors[b.name].precondition(b.slice_grad(weight.grad))
+            if b.out_index:
+                full[list(b.out_index)] = direction
+            else:
+                full[:, list(b.in_index)] = direction
+            step[b.module] = step.get(b.module, 0) + full
+        eta = 1e-3 / max(v.abs().max().item() for v in step.values())
+
+        def probe_after(scale):
+            with torch.no_grad():
+                for module, delta in step.items():
+                    getattr(fresh.gpt_neox.layers[head.layer].attention, module).weight.add_(scale * eta * delta)
+                value = PROBES["induction"](fresh, tokens, head).item()
+                for module, delta in step.items():
+                    getattr(fresh.gpt_neox.layers[head.layer].attention, module).weight.sub_(scale * eta * delta)
+            return value
+
+        before, up, down = probe_after(0), probe_after(1), probe_after(-1)
+        assert (up - down) / (2 * eta) == pytest.approx(score, rel=1e-4), sample  # measured: ≤ 1e-5
+        assert np.sign(up - before) == np.sign(score) and np.sign(before - down) == np.sign(score)
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -181,52 +289,58 @@ def located_repo(trained_repo):
 
 
 def influence_setup(repo, **overrides):
+    from mda.compute import runtime
+    from mda.config import Compute
     from mda.data.stream import Stream
-    from mda.influence.scoring import read_targets, setup
+    from mda.influence.window import setup
+    from mda.io import read_targets
 
     inf = Influence(**{"factor_samples": 0, **overrides})
     targets = read_targets(repo / "data/locate/targets.json")
     targets["window"] = {"start": 0, "end": 12}  # the whole tiny run: 48 samples
     targets["influence_step"] = 12
-    return inf, setup(inf, repo / "data/checkpoints", targets), Stream(repo / "data/corpus/stream")
+    rt = runtime(Compute(threads=1))
+    return inf, setup(inf, repo / "data/checkpoints", targets, rt), Stream(repo / "data/corpus/stream")
 
 
 @pytest.mark.slow
 def test_cached_and_streaming_scores_agree_and_ignore_batching(located_repo, tmp_path):
-    from mda.influence.scoring import (cache_gradients, fit_factors, load_factors, preconditioned_probe,
-                                       scores_from_cache, scores_streaming)
+    from mda.influence.factors import fit_factors, load_factors
+    from mda.influence.gradients import cache_gradients
+    from mda.influence.scoring import preconditioned_probe, scores_from_cache, scores_streaming
 
     inf, s, stream = influence_setup(located_repo, batch_size=7, probe_sequences=4, probe_half_len=8)
     fit_factors(inf, s, stream, tmp_path / "factors")
     vectors = preconditioned_probe(inf, s, load_factors(tmp_path / "factors", s))
-    manifest = cache_gradients(inf, s, stream, tmp_path / "g1")
+    manifest, _ = cache_gradients(inf, s, stream, tmp_path / "g1")
     assert manifest["samples"] == 48 and len(manifest["shards"]) == 1
-    cached = scores_from_cache(s, tmp_path / "g1", vectors)
+    cached = scores_from_cache(inf, s, stream, tmp_path / "g1", vectors)
     streamed = scores_streaming(inf, s, stream, vectors)
     assert list(cached.sample_id) == list(range(48))
     np.testing.assert_allclose(cached.score, streamed.score, rtol=1e-6, atol=1e-6 * cached.score.abs().max())
     # Other batch size and 6 shards of 2 steps: the same scores (rows are independent).
     inf2 = inf.model_copy(update={"batch_size": 16, "shard_samples": 8})
-    manifest2 = cache_gradients(inf2, s, stream, tmp_path / "g2")
+    manifest2, _ = cache_gradients(inf2, s, stream, tmp_path / "g2")
     assert len(manifest2["shards"]) == 6
-    resharded = scores_from_cache(s, tmp_path / "g2", vectors, read_rows=5)
+    resharded = scores_from_cache(inf2, s, stream, tmp_path / "g2", vectors, read_rows=5)
     np.testing.assert_allclose(resharded.score, cached.score, rtol=1e-5, atol=1e-6 * cached.score.abs().max())
     # A float16 cache scores within half-precision rounding of the float32 one.
     inf16 = inf.model_copy(update={"dtype": "float16"})
     cache_gradients(inf16, s, stream, tmp_path / "g16")
-    half = scores_from_cache(s, tmp_path / "g16", vectors)
+    half = scores_from_cache(inf16, s, stream, tmp_path / "g16", vectors)
     np.testing.assert_allclose(half.score, cached.score, rtol=0, atol=2e-3 * cached.score.abs().max())
     # A rerun keeps complete shards; a damaged one is recomputed.
     shard = tmp_path / "g2/shard-00003.parquet"
     shard.write_bytes(shard.read_bytes()[:200])
-    again = cache_gradients(inf2, s, stream, tmp_path / "g2")
-    assert again["reused_shards"] == 5
-    np.testing.assert_array_equal(scores_from_cache(s, tmp_path / "g2", vectors, read_rows=5).score, resharded.score)
+    _, reused = cache_gradients(inf2, s, stream, tmp_path / "g2")
+    assert reused == 5
+    np.testing.assert_array_equal(scores_from_cache(inf2, s, stream, tmp_path / "g2", vectors, read_rows=5).score,
+                                  resharded.score)
 
 
 @pytest.mark.slow
 def test_nan_weights_stop_with_the_block_and_step(located_repo, tmp_path):
-    from mda.influence.scoring import batch_gradients
+    from mda.influence.gradients import batch_gradients
 
     inf, s, stream = influence_setup(located_repo)
     head = s.heads[0]

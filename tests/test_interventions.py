@@ -11,7 +11,7 @@ import yaml
 
 from mda.errors import MdaError
 from mda.interventions import (augmentation, motif_profile, motif_rows, removal, repeated_spans,
-                               select_sets, set_size)
+                               select_sets, set_size, upweighting)
 from tests.conftest import run_stage, set_params
 
 B = 4
@@ -55,33 +55,45 @@ def test_removal_zeroes_exactly_the_selected_rows():
     assert edit.edited_steps().tolist() == [0, 1, 1]  # samples 1, 6, 7 sit at steps 0, 1, 1
 
 
-def test_masked_sample_gives_the_gradient_of_a_zero_weight_padding_row():
+def test_removed_sample_contributes_nothing_and_leaves_the_other_rows_alone():
+    """Removal masks a sample through its loss weight (`removal` → `mda.train.batch_loss`, what
+    every training step runs): the batch's gradient is, whatever the masked row holds, that of
+    the other rows' summed token losses over the unchanged normaliser (all B × T target tokens),
+    computed here one row at a time with a plain cross-entropy."""
+    import torch.nn.functional as F
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from mda.train import batch_loss
 
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, intermediate_size=32))
+                                             num_attention_heads=2, intermediate_size=32)).eval()
     ids = torch.randint(1, 30, (B, 9))
-    w = torch.from_numpy(removal(stream_rows(), {2}, B).weights[0])
-    padded = ids.clone()
-    padded[2] = 0
-    grads = []
-    for batch in (ids, padded):
+    w = torch.from_numpy(removal(stream_rows(), {2}, B).weights[0])  # sample 2: step 0, batch position 2
+    assert w.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+    def gradient(loss_of):
         model.zero_grad()
-        batch_loss(model, batch, w).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+        loss_of().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    masked = gradient(lambda: batch_loss(model, ids, w))
+    for filler in (torch.zeros(9, dtype=ids.dtype), torch.randint(1, 30, (9,))):  # padding, other text
+        other = ids.clone()
+        other[2] = filler
+        assert torch.equal(gradient(lambda: batch_loss(model, other, w)), masked)
+    targets = B * (ids.shape[1] - 1)
+    kept = lambda: sum(F.cross_entropy(model(input_ids=ids[r:r + 1, :-1]).logits[0], ids[r, 1:], reduction="sum")
+                       for r in (0, 1, 3)) / targets
+    torch.testing.assert_close(masked, gradient(kept), rtol=1e-5, atol=1e-7 * masked.abs().max().item())
 
 
-def test_augmentation_keeps_shapes_and_only_replaces_later_unselected_rows():
+def test_later_placement_keeps_shapes_and_only_replaces_later_unselected_rows():
     rows = stream_rows()
     selected = {1, 5, 9, 38}
     tokens = {i: np.full(65, 1000 + i) for i in selected}
     sources = [(i // B, tokens[i]) for i in sorted(selected)]
-    edit = augmentation(rows, sources, selected, last_step=9, copies=2, seed=0)
+    edit = augmentation(rows, sources, selected, last_step=9, copies=2, seed=0, placement="later")
     assert edit.summary["copies_placed"] == 6 and edit.summary["copies_dropped"] == 2  # 38 is in the last step
     placed, changed_steps = 0, []
     for step in range(10):
@@ -97,7 +109,126 @@ def test_augmentation_keeps_shapes_and_only_replaces_later_unselected_rows():
                 assert step * B + pos not in selected                        # never over a selected row
     assert placed == 6
     assert edit.edited_steps().tolist() == changed_steps  # what apply() changed, step by step
-    assert augmentation(rows, sources, selected, 9, 2, seed=0).replace.keys() == edit.replace.keys()
+    assert augmentation(rows, sources, selected, 9, 2, seed=0, placement="later").replace.keys() == edit.replace.keys()
+
+
+# Steps 0–9 of 4 rows; step 2 holds three selected rows (more copies than free rows there).
+SELECTED = {1, 5, 8, 9, 10, 38}
+
+
+def stream_batches(n_steps=10):
+    """Step → (B, 65) rows whose tokens all equal the row's sample id."""
+    return {step: np.repeat(np.arange(step * B, step * B + B)[:, None], 65, axis=1) for step in range(n_steps)}
+
+
+def copy_sources(copies_of=SELECTED):
+    """(origin step, tokens) of each selected sample; a copy's tokens are 1000 + its sample id."""
+    return [(i // B, np.full(65, 1000 + i)) for i in sorted(copies_of)]
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_in_place_copies_replace_unselected_rows_of_the_same_step(copies):
+    edit = augmentation(stream_rows(), copy_sources(), SELECTED, last_step=9, copies=copies, seed=0,
+                        placement="in_place")
+    changed_steps, per_source = [], {i: 0 for i in SELECTED}
+    for step, ids in stream_batches().items():
+        new, weights = edit.apply(step, ids)
+        assert new.shape == ids.shape and weights is None                    # tokens per step constant
+        in_step = [i for i in SELECTED if i // B == step]
+        free = [pos for pos in range(B) if step * B + pos not in SELECTED]
+        changed = [pos for pos in range(B) if not np.array_equal(new[pos], ids[pos])]
+        assert set(changed) <= set(free)                                      # never over a selected row
+        for pos in changed:
+            source = int(new[pos][0]) - 1000
+            assert source in in_step and (new[pos] == 1000 + source).all()    # a copy from this very step
+            per_source[source] += 1
+        assert len(changed) == min(copies * len(in_step), len(free))          # every copy placed while rows last
+        changed_steps += [step] * len(changed)
+    assert all(n <= copies for n in per_source.values())
+    # step 2: samples 8, 9, 10 selected, one free row (11) → one copy placed, the rest dropped
+    assert edit.summary["copies_placed"] == len(changed_steps)
+    assert edit.summary["copies_dropped"] == copies * len(SELECTED) - len(changed_steps)
+    assert edit.summary["copies_dropped"] == 3 * copies - 1
+    assert edit.edited_steps().tolist() == changed_steps
+    again = augmentation(stream_rows(), copy_sources(), SELECTED, 9, copies, seed=0, placement="in_place")
+    assert {s: sorted(r) for s, r in again.replace.items()} == {s: sorted(r) for s, r in edit.replace.items()}
+
+
+def test_in_place_positions_depend_on_the_seed():
+    sources = copy_sources({1, 5, 38})
+    positions = {seed: {s: tuple(sorted(r)) for s, r in augmentation(stream_rows(), sources, {1, 5, 38}, 9, 1, seed,
+                                                                      "in_place").replace.items()}
+                 for seed in range(6)}
+    assert all(set(p) == {0, 1, 9} for p in positions.values())  # always the origin steps
+    assert len(set(map(lambda p: tuple(sorted(p.items())), positions.values()))) > 1
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_upweight_raises_only_the_selected_rows_weight(copies):
+    edit = upweighting(stream_rows(), SELECTED, B, copies)
+    changed_steps = []
+    for step, ids in stream_batches().items():
+        new, weights = edit.apply(step, ids)
+        assert new is ids                                                      # no row changes
+        expected = np.array([1.0 + copies if step * B + pos in SELECTED else 1.0 for pos in range(B)])
+        if (expected == 1).all():
+            assert weights is None
+        else:
+            np.testing.assert_array_equal(weights, expected)
+        changed_steps += [step] * int(round((expected - 1).sum()))
+    assert edit.edited_steps().tolist() == changed_steps  # each upweighted row: `copies` edits at its own step
+    assert edit.summary["copies_placed"] == copies * len(SELECTED) and edit.summary["copies_dropped"] == 0
+
+
+def tiny_lm():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32))
+
+
+def grads(model, ids, weights=None):
+    from mda.train import batch_loss
+
+    model.zero_grad()
+    batch_loss(model, ids, None if weights is None else torch.as_tensor(weights, dtype=torch.float32)).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+def test_upweight_is_the_gradient_of_copies_in_the_same_step(copies):
+    """Weight 1 + c on a row = that row c + 1 times in the batch, every other row unchanged. The
+    c extra copies need c places in the batch: rows that are zero-weight padding in the upweighted
+    batch, so both batches have the same rows, shape and normaliser (all target tokens)."""
+    model = tiny_lm()
+    batch = 2 + copies
+    ids = torch.randint(1, 30, (batch, 9))
+    rows = pd.DataFrame({"sample_id": np.arange(batch), "step": 0, "batch_pos": np.arange(batch)})
+    w = upweighting(rows, {1}, batch, copies).weights[0].copy()
+    pad = np.arange(2, batch)
+    w[pad] = 0.0
+    duplicated = ids.clone()
+    duplicated[pad] = ids[1]
+    for a, b in zip(grads(model, ids, w), grads(model, duplicated)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_in_place_is_upweighting_minus_the_replaced_rows():
+    """The discrete edit's gradient: selected rows weighted 1 + c, the rows it overwrote 0."""
+    model = tiny_lm()
+    batch, copies = 6, 2
+    ids = torch.randint(1, 30, (batch, 9))
+    rows = pd.DataFrame({"sample_id": np.arange(batch), "step": 0, "batch_pos": np.arange(batch)})
+    edit = augmentation(rows, [(0, ids[1].numpy())], {1}, last_step=0, copies=copies, seed=3, placement="in_place")
+    new, _ = edit.apply(0, ids.numpy())
+    replaced = [pos for pos in range(batch) if not np.array_equal(new[pos], ids[pos].numpy())]
+    assert len(replaced) == copies and 1 not in replaced
+    w = np.ones(batch)
+    w[1] = 1 + copies
+    w[replaced] = 0
+    for a, b in zip(grads(model, torch.from_numpy(new)), grads(model, ids, w)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_synthetic_motifs_carry_repeats_without_copying():
@@ -129,6 +260,38 @@ def selected_repo(trained_repo):
         res = run_stage(trained_repo, stage)
         assert res.returncode == 0, res.stderr
     return trained_repo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["in_place", "upweight", "later"])
+def test_build_edit_places_augment_arms_by_the_params(selected_repo, placement):
+    """On a real stream and selection: each augment arm's edit follows `retrain.augment_placement`
+    and says so in its summary (what `meta.json` records)."""
+    from mda.config import load_params, parse_params
+    from mda.data.stream import Stream
+    from mda.retrain import build_edit
+
+    raw = load_params(selected_repo / "params.yaml").model_dump()
+    raw["retrain"]["augment_placement"] = placement
+    params = parse_params(raw)
+    sets = pd.read_parquet(selected_repo / "data/select/sets.parquet")
+    target = sorted(set(sets.target))[0]
+    stream = Stream(selected_repo / "data/corpus/stream")
+    rows = stream.read(4, 7, columns=["sample_id", "step", "batch_pos"]).to_pandas()
+    top = set(sets[sets.set == f"{target}:top"].sample_id)
+    top_steps = sorted(rows[rows.sample_id.isin(top)].step)
+    for arm in ("augment-top", "augment-synthetic"):
+        edit = build_edit(arm, 0, params, sets, target, stream, (4, 8))
+        expected = "in_place" if (placement, arm) == ("upweight", "augment-synthetic") else placement
+        assert edit.summary["placement"] == expected and edit.summary["augment_placement"] == placement
+        steps = edit.edited_steps().tolist()
+        assert len(steps) == edit.summary["copies_placed"]
+        if expected in ("in_place", "upweight"):
+            assert set(steps) <= set(top_steps)  # every copy (or extra weight) in a selected row's own step
+        else:
+            assert all(s > min(top_steps) for s in steps)
+        if expected == "upweight":
+            assert steps == top_steps and not edit.replace  # weight 2 on each selected row, nothing replaced
 
 
 @pytest.mark.slow

@@ -7,14 +7,18 @@ vocab 40, no attention biases, eager attention), one layer's whole attention wei
 (`query_key_value` + `dense`, `mda.heads.module_blocks`: what kronfluence tracks as two
 modules), EK-FAC fitted with the true Fisher on 256 training sequences, 96 training
 sequences scored against the induction probe on 8 repeated-random-token sequences.
-Measured: Spearman 1.0000000 (Pearson 1.000000000000000, max |Δ| / max |score| ≈ 4e-15): the
-two implementations compute the same numbers, to float64 rounding. The assertion is
+Measured: Spearman 1.0000000 (Pearson 1.000000000000000, max |Δ| / max |score| ≈ 3e-15): the
+two implementations compute the same numbers, to float64 rounding. The assertions: every score
+equals kronfluence's within 1e-9 of the largest |score| (values, so sign and scale too), and
 Spearman ≥ 0.99; ~5 s of work (plus ~6 s of imports) on 2 CPU cores.
 
-What the 0.99 bar catches (measured on this setup, kronfluence side changed, ours fixed):
-independent true-Fisher label draws 0.98–0.99 (Monte-Carlo noise alone at 256 sequences —
-hence the shared labels below); empirical Fisher on one side 0.965; an absolute damping of 0.1
-instead of 0.1·mean(Λ) 0.936; kronfluence's default damping 1e-8 0.866.
+A rank check alone misses anything that rescales every score alike — Λ normalised per token
+instead of per sequence (Λ and λ = α·mean(Λ) scale together), a factor in the probe or the
+loss; the value check catches those. What the 0.99 rank bar would catch (measured on this setup,
+kronfluence side changed, ours fixed): independent true-Fisher label draws 0.98–0.99
+(Monte-Carlo noise alone at 256 sequences — hence the shared labels below); empirical Fisher on
+one side 0.965; an absolute damping of 0.1 instead of 0.1·mean(Λ) 0.936; kronfluence's default
+damping 1e-8 0.866.
 
 How the kronfluence side is set up (fully offline, in a tmp dir; CI installs kronfluence with
 `--no-deps`, requirements-test-nodeps.txt, and its light import deps via the [test] extra):
@@ -88,6 +92,7 @@ PROBES_N, HALF = 8, 8    # probe sequences, half length
 LAYER = 1
 ALPHA, SEED = 0.1, 0
 MIN_SPEARMAN = 0.99
+MAX_RELATIVE_ERROR = 1e-9  # of the largest |score|; measured ≈ 3e-15 (float64 throughout)
 
 
 def tiny_model() -> GPTNeoXForCausalLM:
@@ -260,4 +265,6 @@ def test_ekfac_scores_agree_with_kronfluence(tmp_path, quiet_kronfluence, monkey
     print(f"\nkronfluence agreement: Spearman {rho:.7f}, Pearson {pearson:.15f}, "
           f"max |Δ|/max|score| {rel:.2e}, {time.perf_counter() - start:.1f}s")
     assert ours.std() > 0 and theirs.std() > 0
+    assert (ours > 0).any() and (ours < 0).any()  # both signs present: a flipped sign cannot pass
+    assert rel <= MAX_RELATIVE_ERROR, f"max |Δ| / max |score| = {rel:.2e} > {MAX_RELATIVE_ERROR}"
     assert rho >= MIN_SPEARMAN, f"Spearman {rho:.4f} < {MIN_SPEARMAN}"

@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from mda.config import Locate, parse_params
@@ -152,12 +153,34 @@ def test_locate_without_checkpoints_names_the_folder(trained_repo, tmp_path):
 
 
 # ----------------------------------------------------------------------------- hub checkpoints
+def loop_scores(attention: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    """Previous-token and prefix-matching scores of one head's (batch, q, k) attention, by
+    explicit loops: per sequence, the attention mass on the targets over the mass of the query
+    rows that have a target (t − 1; the position after each earlier copy of token t), averaged
+    over sequences."""
+    prev, prefix = [], []
+    for a, row in zip(attention.double(), tokens.tolist()):
+        hit = total = 0.0
+        for t in range(1, len(row)):
+            hit, total = hit + a[t, t - 1].item(), total + a[t, :t + 1].sum().item()
+        prev.append(hit / total)
+        hit = total = 0.0
+        for t in range(len(row)):
+            keys = {j + 1 for j in range(t) if row[j] == row[t]}
+            if keys:
+                hit, total = hit + sum(a[t, k].item() for k in keys), total + a[t, :t + 1].sum().item()
+        prefix.append(hit / total)
+    return {"previous_token": float(np.mean(prev)), "prefix_matching": float(np.mean(prefix))}
+
+
 def test_locate_runs_on_hub_downloaded_checkpoints(tmp_path, cache, tiny_params):
-    """Pythia revisions fetched from a (local, fake) hub cache are scanned like local ones."""
+    """Pythia revisions fetched from a (local, fake) hub cache are scanned like local ones: every
+    row of the heads table holds the metrics of that head of that revision's hub model."""
     from mda.config import HubModel
+    from mda.locate import probe_tokens
     from mda.model import download_hub_checkpoints
 
-    cache_dir, _ = cache
+    cache_dir, hub_models = cache
     download_hub_checkpoints(HubModel(revisions=[0, 1], cache_dir=str(cache_dir), local_files_only=True),
                              tmp_path / "ckpts")
     corpus = tmp_path / "corpus"
@@ -167,5 +190,26 @@ def test_locate_runs_on_hub_downloaded_checkpoints(tmp_path, cache, tiny_params)
     heads, models, facts_ = scan_checkpoints(tiny_params, tmp_path / "ckpts", corpus, vocab_size=50)
     assert sorted(heads.step.unique()) == [0, 1] and len(heads) == 2 * 2 * 2
     assert facts_["icl"]["context"] == 16 and list(models.step) == [0, 1]
-    targets = choose_targets(heads, tiny_params.locate, facts_)
-    assert targets["heads"][0]["name"] in {"L0H0", "L0H1", "L1H0", "L1H1"}
+
+    expected = {}
+    for step, model in hub_models.items():
+        model.config._attn_implementation = "eager"
+        tokens = probe_tokens(tiny_params.locate.probe, model.config, 50)
+        with torch.no_grad():
+            attentions = model.eval()(input_ids=tokens, output_attentions=True).attentions
+        for layer in range(2):
+            for head in range(2):
+                expected[step, layer, head] = loop_scores(attentions[layer][:, head], tokens)
+    for row in heads.itertuples():
+        want = expected[row.step, row.layer, row.head]
+        assert (row.previous_token, row.prefix_matching) == pytest.approx(
+            (want["previous_token"], want["prefix_matching"]), abs=1e-6), (row.step, row.layer, row.head)
+    # The eight (step, head) pairs are far apart, so a wrong head or revision could not pass.
+    values = sorted(v["prefix_matching"] for v in expected.values())
+    assert min(np.diff(values)) > 1e-3
+    # The target is the head whose prefix-matching score rose most from revision 0.
+    rise = {(l, h): max(expected[0, l, h]["prefix_matching"], expected[1, l, h]["prefix_matching"])
+            - expected[0, l, h]["prefix_matching"] for l in range(2) for h in range(2)}
+    layer, head = max(rise, key=rise.get)
+    assert rise[layer, head] > 0 and sorted(rise.values())[-2] < rise[layer, head] - 1e-3
+    assert [h["name"] for h in choose_targets(heads, tiny_params.locate, facts_)["heads"]] == [f"L{layer}H{head}"]

@@ -2,29 +2,20 @@
 partial retrain matrix and a `dvc exp run` ablation on top of it."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
-import pytest
-from mlflow.tracking import MlflowClient
-
+import numpy as np
 import pandas as pd
+import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from mda.config import load_params
 from mda.model import load_model, load_trainer_state, saved_steps
-from tests.conftest import REPO, make_pipeline_repo, run_stage
-
-
-@pytest.fixture(scope="module")
-def quick_repo(tmp_path_factory):
-    """A repo on the `quick` preset after one whole `dvc repro` (the DAG CI runs once)."""
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("quick") / "repo",
-                              yaml.safe_load((REPO / "presets/quick.yaml").read_text()))
-    res = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return repo
+from tests.conftest import run_stage
 
 
 def mlflow_runs(repo):
@@ -44,23 +35,36 @@ def test_dvc_repro_quick_preset_runs_every_stage(quick_repo):
     runs = mlflow_runs(quick_repo)
     stages = {r.data.tags["stage"]: r.data.tags["pipeline_id"] for r in runs}
     assert set(stages) == {"corpus", "checkpoints", "locate", "factors", "gradients", "scores", "select",
-                           "retrain", "evaluate", "report", "smda-task", "smda-instruct", "smda-sae", "smda-policy",
-                           "smda-influence", "smda-curate", "smda-sft", "smda-evaluate", "smda-report"}
+                           "retrain", "evaluate", "report", "lds", "smda-task", "smda-instruct", "smda-sae",
+                           "smda-policy", "smda-influence", "smda-curate", "smda-sft", "smda-evaluate", "smda-report"}
     assert len(set(stages.values())) == 1, "stages of one dvc repro share a pipeline id"
-    assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 5 * 3  # every arm × seed
+    assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 6 * 3  # every arm × seed
     assert json.loads((quick_repo / "data/retrain/baseline/meta.json").read_text())["reproduces_original"]
+    for arm in ("augment-top", "augment-random-0", "augment-synthetic-2"):  # the placement is on record
+        edit = json.loads((quick_repo / f"data/retrain/{arm}/meta.json").read_text())["edit"]
+        assert edit["placement"] == edit["augment_placement"] == "in_place"
     effects = pd.read_parquet(quick_repo / "data/evaluate/effects.parquet")
-    assert len(effects) == 5 * 3 and set(effects.arm) == {"baseline", "remove-top", "augment-top",
-                                                          "remove-random", "augment-random"}
+    assert len(effects) == 6 * 3 and set(effects.arm) == {"baseline", "remove-top", "augment-top", "remove-random",
+                                                          "augment-random", "augment-synthetic"}
+    tests = pd.read_parquet(quick_repo / "data/evaluate/tests.parquet")
+    assert set(tests.arm) == {"remove-top", "augment-top", "augment-synthetic"} and set(tests.test) == {"t"}
+    assert set(pd.read_parquet(quick_repo / "data/evaluate/unit_effects.parquet").level) == {"head", "layer", "model"}
     assert (effects[effects.arm == "baseline"].delta_score == 0).all()
     metrics = json.loads((quick_repo / "metrics/evaluate.json").read_text())
     window_samples = json.loads((quick_repo / "data/select/meta.json").read_text())["window_samples"]
     assert metrics["missing_runs"] == 0 and metrics["k"] == round(params.select.fraction * window_samples)
     page = (quick_repo / "reports/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 and "Answer" in page
+    assert page.count("data:image/png;base64,") == 7 and "Answer" in page
+    markdown = (quick_repo / "reports/report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(links) == 7 and all((quick_repo / "reports" / link).is_file() for link in links)
+    assert sorted(p.name for p in (quick_repo / "reports").iterdir()) == ["figures", "report.html", "report.md", "smda"]
+    lds = json.loads((quick_repo / "metrics/lds.json").read_text())  # on in the quick preset, tiny
+    assert lds["enabled"] and lds["subsets"] == params.lds.subsets
+    assert set(next(iter(lds["lds"].values()))) == {"ekfac", "kfac", "identity"}
     assert sum(r.data.tags["stage"] == "smda-sft" for r in runs) == 4 * 3  # every SMDA set × seed
     smda_page = (quick_repo / "reports/smda/report.html").read_text()
-    assert smda_page.count("data:image/png;base64,") == 5 and (quick_repo / "reports/figures").is_dir()
+    assert smda_page.count("data:image/png;base64,") == 5
     evaluate_run = next(r for r in runs if r.data.tags["stage"] == "evaluate")
     assert "k" in evaluate_run.data.metrics
     # The per-arm trajectories render through the repo's plot template, without field errors.
@@ -81,13 +85,37 @@ def test_report_names_a_missing_arm_and_evaluates_the_rest(quick_repo, tmp_path)
         res = run_stage(repo, stage)
         assert res.returncode == 0, res.stderr
     effects = pd.read_parquet(repo / "data/evaluate/effects.parquet")
-    assert len(effects) == 14 and not ((effects.arm == "augment-random") & (effects.seed == 1)).any()
+    assert len(effects) == 17 and not ((effects.arm == "augment-random") & (effects.seed == 1)).any()
     assert json.loads((repo / "metrics/evaluate.json").read_text())["missing_runs"] == 1
     assert "Missing runs (not evaluated, not filled in): augment-random seed 1" in (repo / "reports/report.md").read_text()
     shutil.rmtree(repo / "data/retrain/baseline")
     res = run_stage(repo, "evaluate")
     assert res.returncode == 1 and res.stderr.strip() == (
         "error: data/retrain/baseline: missing; every effect is measured against the baseline run")
+
+
+def baseline_emergence(repo, threshold: float) -> float:
+    """Mean over probe seeds of the first step at which the baseline's target score reaches
+    `threshold` × its window-end value, linearly interpolated — by an explicit loop over
+    `data/retrain/baseline/trajectory.parquet`."""
+    targets = json.loads((repo / "data/locate/targets.json").read_text())
+    heads = {(h["layer"], h["head"]) for h in targets["heads"]}
+    end = targets["window"]["end"]
+    traj = pd.read_parquet(repo / "data/retrain/baseline/trajectory.parquet")
+    traj = traj[[(l, h) in heads for l, h in zip(traj.layer, traj["head"])]]
+    steps_of_seeds = []
+    for _, g in traj.groupby("seed"):
+        curve = g.groupby("step")[targets["metric"]].mean().sort_index()
+        steps, scores = curve.index.to_list(), curve.to_list()
+        level = threshold * float(np.interp(end, steps, scores))
+        crossing = float("nan")
+        for i, (step, score) in enumerate(zip(steps, scores)):
+            if score >= level:
+                crossing = step if i == 0 else \
+                    steps[i - 1] + (level - scores[i - 1]) / (score - scores[i - 1]) * (step - steps[i - 1])
+                break
+        steps_of_seeds.append(crossing)
+    return float(np.mean(steps_of_seeds))
 
 
 @pytest.mark.slow
@@ -98,21 +126,70 @@ def test_dvc_exp_run_gives_a_comparable_row_and_mlflow_group(quick_repo, tmp_pat
                                     check=True, capture_output=True)
     git("add", "-A")
     git("commit", "-qm", "quick run")
-    res = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-n", "thr60", "-S", "evaluate.threshold=0.6"],
+    # On the quick preset the baseline starts the window above 60 % of its end score (no head forms
+    # in 200 steps), so only a threshold near 1 moves its emergence step: 95 % does, 64 → ~105.
+    res = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-n", "thr95", "-S", "evaluate.threshold=0.95"],
                          cwd=repo, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
                            text=True)
-    assert res.returncode == 0, shown.stderr
+    assert shown.returncode == 0, shown.stderr
     table = json.loads(shown.stdout)
-    exps = [e for row in table for e in (row.get("experiments") or [])]
-    names = [e["name"] for e in exps]
-    assert names == ["thr60"]
-    exp_metrics = exps[0]["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
-    assert exp_metrics["k"] == json.loads((repo / "metrics/evaluate.json").read_text())["k"]
-    tagged = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc_exp") == "thr60"]
+    (commit,) = [row for row in table if row.get("experiments")]
+    exps = commit["experiments"]
+    assert [e["name"] for e in exps] == ["thr95"]
+    exp = exps[0]["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["evaluate"]["threshold"] == 0.95
+    exp_metrics = exp["metrics"]["metrics/evaluate.json"]["data"]
+    workspace_metrics = json.loads((quick_repo / "metrics/evaluate.json").read_text())  # the run before the change
+    committed = commit["data"]["metrics"]["metrics/evaluate.json"]["data"]  # the row to compare with
+    assert committed["baseline"] == workspace_metrics["baseline"] and committed["arms"] == workspace_metrics["arms"]
+    # The threshold moves the baseline's emergence step: recomputed here from the baseline's own
+    # trajectory (the experiment's, unchanged by it), for both thresholds.
+    assert workspace_metrics["baseline"]["emergence_step"] == pytest.approx(baseline_emergence(quick_repo, 0.5))
+    assert exp_metrics["baseline"]["emergence_step"] == pytest.approx(baseline_emergence(repo, 0.95))
+    assert exp_metrics["baseline"]["emergence_step"] > workspace_metrics["baseline"]["emergence_step"] + 10, \
+        "the experiment must change the metric it is compared on"
+    assert exp_metrics["k"] == workspace_metrics["k"]  # what the threshold does not touch stays
+    tagged = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc_exp") == "thr95"]
     assert {r.data.tags["stage"] for r in tagged} == {"evaluate", "report"}  # only what the change reran
     assert len({r.data.tags["pipeline_id"] for r in tagged}) == 1
+
+
+@pytest.mark.slow
+def test_queued_experiments_run_two_at_a_time_into_one_mlflow_store(quick_repo, tmp_path):
+    """`dvc exp run --queue` twice, `dvc queue start -j 2`: both complete, both rows in `dvc exp
+    show`, both groups of runs in the repository's one sqlite store, none failed."""
+    import time
+
+    repo = tmp_path / "queue"
+    shutil.copytree(quick_repo, repo, symlinks=True)
+    git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo,
+                                    check=True, capture_output=True)
+    git("add", "-A")
+    git("commit", "-qm", "quick run")
+    dvc = lambda *a: subprocess.run([sys.executable, "-m", "dvc", *a], cwd=repo, capture_output=True, text=True)
+    names = {"q70": "0.7", "q80": "0.8"}
+    for name, value in names.items():
+        res = dvc("exp", "run", "--queue", "-n", name, "-S", f"evaluate.threshold={value}")
+        assert res.returncode == 0, res.stderr[-2000:]
+    res = dvc("queue", "start", "-j", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        status = dvc("queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    table = json.loads(dvc("exp", "show", "--json").stdout)
+    assert sorted(e["name"] for row in table for e in (row.get("experiments") or [])) == sorted(names)
+    runs = mlflow_runs(repo)
+    for name in names:
+        tagged = [r for r in runs if r.data.tags.get("dvc_exp") == name]
+        assert {r.data.tags["stage"] for r in tagged} == {"evaluate", "report"}, name
+        assert all(r.info.status == "FINISHED" for r in tagged)
+    dvc("queue", "stop", "--kill")
 
 
 def test_corrupt_stream_fails_cleanly(pipeline_repo):

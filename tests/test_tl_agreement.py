@@ -3,7 +3,8 @@
 `mda.units.detection_score(..., target_rows_only=False)` with `previous_token_detection`,
 `duplicate_token_detection` and `induction_detection` is meant to be exactly TransformerLens's
 `transformer_lens.head_detector.detect_head(model, seqs, name, error_measure="mul")`. This
-test checks that, within 1e-4, on a small seeded GPT-NeoX model (the project's own
+test checks that, within 5e-7 (the README's claim; largest difference measured: 2.5e-7, float32
+rounding of two forwards done in different orders), on a small seeded GPT-NeoX model (the project's own
 `neox_config` / `new_model`, query/key/value weights perturbed so the attention is far from
 uniform), for all three head types, `exclude_bos` and `exclude_current_token` on and off,
 and two batches: repeated random tokens and random tokens from a small alphabet (many
@@ -70,7 +71,7 @@ from mda.units import (
 VOCAB = 60
 HEADS = 4
 ATOL_FORWARD = 5e-5  # logits are O(2); float32; measured ≈1e-5
-ATOL_SCORE = 1e-4
+ATOL_SCORE = 5e-7  # scores are O(0.1–1); measured ≤ 2.5e-7 over every case below; README says < 5e-7
 
 DETECTIONS = {
     "previous_token_head": previous_token_detection,

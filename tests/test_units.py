@@ -183,12 +183,48 @@ def test_head_ablation_in_one_forward_matches_zeroing_each_head():
             assert ablated[layer, h].item() == pytest.approx(expected, abs=1e-5), (layer, h)
 
 
+def eager_attention(model, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """(batch, q, k) attention of one head, recomputed from its weights: the layer's input (the
+    residual stream HF reports), its LayerNorm, the head's q and k rows of the fused
+    `query_key_value` (GPT-NeoX interleaves [q, k, v] per head), rotary on the first
+    `rotary_pct` of each head's dimensions (NeoX's half-split layout), scaled dot product,
+    causal softmax."""
+    config, block = model.config, model.gpt_neox.layers[layer]
+    hs = config.hidden_size // config.num_attention_heads
+    rope = config.rope_parameters
+    rotary = int(hs * rope["partial_rotary_factor"])
+    with torch.no_grad():
+        x = model(input_ids=tokens, output_hidden_states=True).hidden_states[layer]
+        qkv = block.attention.query_key_value(block.input_layernorm(x))
+        rows = qkv[..., head * 3 * hs:(head + 1) * 3 * hs]
+        q, k = rows[..., :hs], rows[..., hs:2 * hs]
+        n = tokens.shape[1]
+        inv_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, rotary, 2).double() / rotary)
+        angles = torch.arange(n).double()[:, None] * inv_freq[None]
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+        def rotate(v):
+            v = v.double()
+            r, rest = v[..., :rotary], v[..., rotary:]
+            half = torch.cat([-r[..., rotary // 2:], r[..., :rotary // 2]], -1)
+            return torch.cat([r * cos + half * sin, rest], -1)
+
+        scores = rotate(q) @ rotate(k).transpose(-1, -2) / hs ** 0.5
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        return scores.softmax(-1).float()
+
+
 def test_attention_patterns_are_one_forward_of_every_head():
     model = tiny_neox()
-    tokens = torch.randint(1, 40, (3, 10))
+    tokens = torch.randint(1, 40, (3, 10), generator=torch.Generator().manual_seed(0))
     patterns = attention_patterns(model, tokens)
     assert patterns.shape == (2, 3, 4, 10, 10)
-    assert torch.allclose(patterns.sum(-1), torch.ones(2, 3, 4, 10))
+    reference = {(layer, head): eager_attention(model, tokens, layer, head) for layer in range(2) for head in range(4)}
+    for (layer, head), expected in reference.items():
+        torch.testing.assert_close(patterns[layer, :, head], expected, rtol=0, atol=1e-5, msg=f"L{layer}H{head}")
+    # The heads differ from each other, so a swapped layer or head order could not pass.
+    values = list(reference.values())
+    assert min((a - b).abs().max() for i, a in enumerate(values) for b in values[i + 1:]) > 0.05
 
 
 # ----------------------------------------------------------------------------- ICL

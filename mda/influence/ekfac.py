@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +23,9 @@ from tqdm import tqdm
 from mda.errors import MdaError
 from mda.heads import Block
 from mda.influence.grads import Projector, capture_batch, per_sample_gradients
+
+if TYPE_CHECKING:
+    from mda.compute import Runtime
 
 
 @dataclass
@@ -83,46 +86,104 @@ def eigenbasis(cov: torch.Tensor, what: str) -> torch.Tensor:
     return torch.linalg.eigh(cov.double()).eigenvectors
 
 
-def fit_ekfac(model, batches: Callable[[], Iterable[torch.Tensor]], blocks: list[Block], *,
-              fisher: str = "true", alpha: float = 0.1, seed: int = 0,
-              projector: Projector | None = None, total: int | None = None,
-              where: str = "") -> dict[str, BlockFactors]:
-    """Two passes over `batches()` (token-id tensors): covariances, then the eigenvalue
-    correction in their eigenbases. `fisher`: "true" (sampled labels) or "empirical"."""
+class TensorBatches:
+    """Batches already in memory (tests, small fits), numbered 0, 1, … in order."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def tokens(self, index: int) -> int:
+        ids = self.batches[index]
+        return ids.shape[0] * (ids.shape[1] - 1)
+
+    def read(self, part: range) -> Iterator[tuple[int, torch.Tensor]]:
+        for i in part:
+            yield i, self.batches[i]
+
+
+def fit_ekfac(model, source, blocks: list[Block], *, fisher: str = "true", alpha: float = 0.1, seed: int = 0,
+              projector: Projector | None = None, where: str = "", rt: Runtime | None = None) -> dict[str, BlockFactors]:
+    """Two passes over the batches of `source` (a `TensorBatches`, a window's numbered batches, or
+    a callable returning token-id tensors): covariances, then the eigenvalue correction in their
+    eigenbases. `fisher`: "true" (sampled labels) or "empirical".
+
+    Distributed (`rt` with several ranks): each rank takes its range of batch numbers; the label
+    generator skips the draws of the batches before it, so every batch gets the labels a single
+    process would draw; the float64 sums are reduced over ranks; rank 0 eigendecomposes and
+    broadcasts. The result equals one process's up to the order of float summation."""
+    from mda.compute import Runtime as _Runtime
+
+    source = TensorBatches(source()) if callable(source) else source
+    rt = rt or _Runtime(device=next(model.parameters()).device, dtype=torch.float32, micro_batch=None, threads=0)
+    part = rt.shard(len(source))
     labels = "sampled" if fisher == "true" else "true"
-    cov_a, cov_s, tokens = {}, {}, 0
-    gen = torch.Generator().manual_seed(seed)
-    for ids in tqdm(batches(), total=total, desc="factors: covariances", unit="batch"):
-        captured = capture_batch(model, ids, blocks, labels, gen, projector, where)
+    device = next(model.parameters()).device
+
+    def passes(desc: str):
+        gen = torch.Generator().manual_seed(seed)
+        if labels == "sampled":  # the draws the earlier ranks' batches consume
+            for i in range(part.start):
+                torch.rand(source.tokens(i), 1, generator=gen, dtype=torch.float64)
+        for i, ids in tqdm(source.read(part), total=len(part), desc=desc, unit="batch", disable=not rt.is_main):
+            with rt.autocast():
+                yield ids, capture_batch(model, ids, blocks, labels, gen, projector, where)
+
+    cov_a, cov_s = ({b.name: 0 for b in blocks} for _ in range(2))
+    tokens = 0
+    for ids, captured in passes("factors: covariances"):
         for name, (a, g) in captured.items():
             a2, g2 = a.reshape(-1, a.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
-            cov_a[name] = cov_a.get(name, 0) + a2.T @ a2
-            cov_s[name] = cov_s.get(name, 0) + g2.T @ g2
+            cov_a[name] = cov_a[name] + a2.T @ a2
+            cov_s[name] = cov_s[name] + g2.T @ g2
         tokens += ids.shape[0] * (ids.shape[1] - 1)
+    tokens = int(rt.all_reduce_sum(torch.tensor(float(tokens), dtype=torch.float64)).item())
     bases = {}
     for b in blocks:
-        cov_a[b.name] /= tokens
-        cov_s[b.name] /= tokens
-        bases[b.name] = (eigenbasis(cov_a[b.name], f"{b.name}{where}: activation covariance"),
-                         eigenbasis(cov_s[b.name], f"{b.name}{where}: gradient covariance"))
-    lam, samples = {}, 0
-    gen = torch.Generator().manual_seed(seed)
-    for ids in tqdm(batches(), total=total, desc="factors: eigenvalue correction", unit="batch"):
-        captured = capture_batch(model, ids, blocks, labels, gen, projector, where)
+        for cov in (cov_a, cov_s):
+            cov[b.name] = _as_sum(cov[b.name], b, model, projector, device, cov is cov_a)
+            rt.all_reduce_sum(cov[b.name])
+            cov[b.name] /= tokens
+        if rt.is_main:
+            pair = (eigenbasis(cov_a[b.name], f"{b.name}{where}: activation covariance"),
+                    eigenbasis(cov_s[b.name], f"{b.name}{where}: gradient covariance"))
+        else:
+            pair = (torch.empty_like(cov_a[b.name]), torch.empty_like(cov_s[b.name]))
+        bases[b.name] = tuple(rt.broadcast(t) for t in pair)
+    lam = {b.name: 0 for b in blocks}
+    samples = 0
+    for ids, captured in passes("factors: eigenvalue correction"):
         for name, (a, g) in captured.items():
             q_a, q_s = bases[name]
             rotated = q_s.T @ per_sample_gradients(a.double(), g.double()) @ q_a
-            lam[name] = lam.get(name, 0) + (rotated ** 2).sum(0)
+            lam[name] = lam[name] + (rotated ** 2).sum(0)
         samples += ids.shape[0]
+    samples = int(rt.all_reduce_sum(torch.tensor(float(samples), dtype=torch.float64)).item())
     out = {}
     for b in blocks:
-        eigenvalues = lam[b.name] / samples
+        q_a, q_s = bases[b.name]
+        if not torch.is_tensor(lam[b.name]):
+            lam[b.name] = torch.zeros(q_s.shape[0], q_a.shape[0], dtype=torch.float64, device=q_a.device)
+        eigenvalues = rt.all_reduce_sum(lam[b.name]) / samples
         check_finite(eigenvalues, f"{b.name}{where}: eigenvalues")
         mean = eigenvalues.mean().item()
         if mean <= 0:
             raise MdaError(f"{b.name}{where}: degenerate curvature (all eigenvalues zero)")
-        out[b.name] = BlockFactors(cov_a[b.name], cov_s[b.name], *bases[b.name], eigenvalues,
+        out[b.name] = BlockFactors(cov_a[b.name].cpu(), cov_s[b.name].cpu(), q_a.cpu(), q_s.cpu(), eigenvalues.cpu(),
                                    damping=alpha * mean,
                                    meta={"alpha": alpha, "fisher": fisher, "samples": samples,
                                          "tokens": tokens, "block": b.name})
     return out
+
+
+def _as_sum(value, block: Block, model, projector, device, activation: bool) -> torch.Tensor:
+    """A covariance sum, or zeros of the block's (projected) side when this rank saw no batch."""
+    if torch.is_tensor(value):
+        return value
+    out_dim, in_dim = block.shape(model)
+    dim = in_dim if activation else out_dim
+    if projector is not None and 0 < projector.rank < dim:
+        dim = projector.rank
+    return torch.zeros(dim, dim, dtype=torch.float64, device=device)

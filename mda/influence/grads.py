@@ -13,10 +13,10 @@ so the block gradient becomes P_out G P_inᵀ without ever forming G.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mda.errors import MdaError
 from mda.heads import Block
+from mda.lm import as_float, sampled_sequence_losses, token_losses
 
 
 class Projector:
@@ -26,24 +26,24 @@ class Projector:
         self.rank, self.seed = rank, seed
         self._cache: dict[tuple[str, str, int], torch.Tensor] = {}
 
-    def matrix(self, block: Block, side: str, dim: int, dtype) -> torch.Tensor | None:
+    def matrix(self, block: Block, side: str, dim: int, dtype, device=None) -> torch.Tensor | None:
         if not self.rank or self.rank >= dim:
             return None
         key = (block.name, side, dim)
         if key not in self._cache:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + hash_name(f"{block.name}/{side}"))
             self._cache[key] = torch.randn(self.rank, dim, generator=gen, dtype=torch.float64) / self.rank ** 0.5
-        return self._cache[key].to(dtype)
+        return self._cache[key].to(device=device, dtype=dtype)
 
     def project(self, block: Block, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p_in = self.matrix(block, "in", a.shape[-1], a.dtype)
-        p_out = self.matrix(block, "out", g.shape[-1], g.dtype)
+        p_in = self.matrix(block, "in", a.shape[-1], a.dtype, a.device)
+        p_out = self.matrix(block, "out", g.shape[-1], g.dtype, g.device)
         return (a if p_in is None else a @ p_in.T), (g if p_out is None else g @ p_out.T)
 
     def project_grad(self, block: Block, grad: torch.Tensor) -> torch.Tensor:
         """P_out G P_inᵀ for a full block gradient (out, in)."""
-        p_in = self.matrix(block, "in", grad.shape[-1], grad.dtype)
-        p_out = self.matrix(block, "out", grad.shape[-2], grad.dtype)
+        p_in = self.matrix(block, "in", grad.shape[-1], grad.dtype, grad.device)
+        p_out = self.matrix(block, "out", grad.shape[-2], grad.dtype, grad.device)
         if p_out is not None:
             grad = p_out @ grad
         return grad if p_in is None else grad @ p_in.T
@@ -98,7 +98,7 @@ class BlockCapture:
         key = (block.layer, block.module)
         if key not in self.grads:
             raise MdaError(f"{block.name}: no gradient reached this block (is it used by the loss?)")
-        a, g = self.inputs[key], self.grads[key]
+        a, g = as_float(self.inputs[key]), as_float(self.grads[key])  # bf16 under autocast
         if block.in_index:
             a = a[..., list(block.in_index)]
         if block.out_index:
@@ -109,23 +109,19 @@ class BlockCapture:
 def sequence_losses(model, ids: torch.Tensor, labels: str = "true",
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """(batch,) next-token cross-entropy summed over each sequence's tokens; `labels="sampled"`
-    draws targets from the model's own predictive distribution (true Fisher)."""
-    logits = model(input_ids=ids[:, :-1]).logits
-    flat = logits.flatten(0, 1) if logits.dtype in (torch.float32, torch.float64) else logits.flatten(0, 1).float()
+    draws targets from the model's own predictive distribution (true Fisher). The vocabulary
+    projection is chunked at Pythia's shapes (`mda.lm`)."""
     if labels == "sampled":
-        with torch.no_grad():  # inverse CDF: one uniform per token (multinomial is ~20× slower)
-            cdf = torch.softmax(flat.detach().double(), -1).cumsum(-1)
-            u = torch.rand(len(flat), 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
-            targets = torch.searchsorted(cdf, u)[:, 0].clamp_(max=flat.shape[-1] - 1)
-    else:
-        targets = ids[:, 1:].flatten()
-    return F.cross_entropy(flat, targets, reduction="none").view(ids.shape[0], -1).sum(-1)
+        return sampled_sequence_losses(model, ids, generator)
+    return token_losses(model, ids).sum(-1)
 
 
 def capture_batch(model, ids: torch.Tensor, blocks: list[Block], labels: str = "true",
                   generator: torch.Generator | None = None, projector: Projector | None = None,
                   where: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One forward + backward of Σ per-sequence losses; per block its (a, g), projected if asked."""
+    """One forward + backward of Σ per-sequence losses; per block its (a, g), projected if asked.
+    Runs on the model's device, under the ambient autocast (bf16) if any."""
+    ids = ids.to(next(model.parameters()).device)
     with BlockCapture(model, blocks) as capture:
         sequence_losses(model, ids, labels, generator).sum().backward()
     out = {}

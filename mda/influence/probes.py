@@ -12,7 +12,8 @@ import torch
 
 from mda.heads import Block, Head
 from mda.influence.grads import Projector
-from mda.units import induction_target_logprob, previous_token_detection
+from mda.lm import fits, token_losses
+from mda.units import eager_attention, induction_target_logprob, induction_targets, previous_token_detection
 
 PROBES: dict[str, Callable] = {}
 
@@ -28,14 +29,20 @@ def probe(name: str):
 def induction(model, tokens: torch.Tensor, head: Head) -> torch.Tensor:
     """Summed log-probability of the induction target (at t, the token that followed the
     previous occurrence of token t) over the repeated random-token sequences."""
-    return induction_target_logprob(model(input_ids=tokens).logits, tokens, reduction="sum")
+    if fits(model, tokens.numel()):
+        return induction_target_logprob(model(input_ids=tokens).logits, tokens, reduction="sum")
+    # Pythia's vocabulary: the same sum, the vocabulary projection chunked (mda.lm)
+    mask, targets = induction_targets(tokens.cpu())
+    losses = token_losses(model, tokens, targets.to(tokens.device))
+    return -(losses * mask.to(losses.device)).sum()
 
 
 @probe("prev_token")
 def prev_token(model, tokens: torch.Tensor, head: Head) -> torch.Tensor:
     """Summed attention of the head from each position t ≥ 1 to t − 1."""
-    attention = model(input_ids=tokens, output_attentions=True).attentions[head.layer][:, head.head]
-    return (attention * previous_token_detection(tokens).to(attention.dtype)).sum()
+    with eager_attention(model):
+        attention = model(input_ids=tokens, output_attentions=True).attentions[head.layer][:, head.head]
+    return (attention * previous_token_detection(tokens).to(attention.device, attention.dtype)).sum()
 
 
 def probe_gradient(model, name: str, tokens: torch.Tensor, head: Head, blocks: list[Block],

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mda.errors import MdaError
 from mda.smda.lm import LM, hidden_and_logprob, response_batch
 from mda.smda.sae import Sae
-from mda.train import token_losses
+from mda.lm import token_losses
 
 
 # ----------------------------------------------------------------------------- the ridge derivatives

@@ -16,7 +16,8 @@ import pandas as pd
 from mda import plots
 from mda.errors import MdaError
 from mda.io import read_json
-from mda.report import Document, fmt, with_ci
+from mda.fmt import fmt, with_ci
+from mda.report import Document
 
 SET_COLOURS = {"full": "tab:gray", "curated": "tab:blue", "random": "lightcoral", "oracle": "tab:green"}
 TOP_PAIRS = 12

@@ -35,7 +35,7 @@ def fine_tune(lm: LM, pairs: list[tuple[list[int], list[int]]], sft: SftRecipe, 
     if total == 0:
         return log
     torch.manual_seed(seed)  # nothing here samples, but a model with dropout would
-    trainer = Trainer(lm.model, recipe(sft), total_steps=total)
+    trainer = Trainer(lm.model, recipe(sft), total_steps=total, rt=lm.rt)
     bar = tqdm(total=total, desc=desc, unit="step")
     step = 0
     for epoch in range(sft.epochs):
@@ -44,8 +44,7 @@ def fine_tune(lm: LM, pairs: list[tuple[list[int], list[int]]], sft: SftRecipe, 
             batch = [pairs[i] for i in order[start:start + sft.batch_size]]
             ids, weights = response_batch(batch, lm.pad_id)
             lr = trainer.lr
-            with lm.rt.autocast():
-                loss = trainer.step(ids.to(lm.rt.device), weights.to(lm.rt.device))
+            loss = trainer.step(ids, weights)  # the Trainer moves, micro-batches and autocasts
             # The Trainer normalises by every target token; report the mean response-token loss.
             response_loss = loss * weights.numel() / float(weights.sum())
             log.append({"step": step, "epoch": epoch, "loss": response_loss, "lr": lr})
