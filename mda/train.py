@@ -56,10 +56,13 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def batch_loss(model, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None,
                normaliser: int | None = None) -> torch.Tensor:
     """The training loss of a step: weighted token losses summed, divided by all target tokens
-    of the step (`normaliser`; default: those of `input_ids`, i.e. the batch is the whole step)."""
+    of the step (`normaliser`; default: those of `input_ids`, i.e. the batch is the whole step).
+    `row_weights` is one weight per row (batch,) or, for SFT's loss on response tokens only
+    (mda.smda), one per target token (batch, row_len-1)."""
     losses = token_losses(model, input_ids)
     if row_weights is not None:
-        losses = losses * row_weights[:, None].to(losses.dtype)
+        weights = row_weights if row_weights.ndim == 2 else row_weights[:, None]
+        losses = losses * weights.to(losses.dtype)
     return losses.sum() / (normaliser or losses.numel())
 
 

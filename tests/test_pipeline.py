@@ -35,7 +35,8 @@ def test_dvc_repro_quick_preset_runs_every_stage(quick_repo):
     runs = mlflow_runs(quick_repo)
     stages = {r.data.tags["stage"]: r.data.tags["pipeline_id"] for r in runs}
     assert set(stages) == {"corpus", "checkpoints", "locate", "factors", "gradients", "scores", "select",
-                           "retrain", "evaluate", "report", "lds"}
+                           "retrain", "evaluate", "report", "lds", "smda-task", "smda-instruct", "smda-sae",
+                           "smda-policy", "smda-influence", "smda-curate", "smda-sft", "smda-evaluate", "smda-report"}
     assert len(set(stages.values())) == 1, "stages of one dvc repro share a pipeline id"
     assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 6 * 3  # every arm × seed
     assert json.loads((quick_repo / "data/retrain/baseline/meta.json").read_text())["reproduces_original"]
@@ -57,10 +58,13 @@ def test_dvc_repro_quick_preset_runs_every_stage(quick_repo):
     markdown = (quick_repo / "reports/report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert len(links) == 7 and all((quick_repo / "reports" / link).is_file() for link in links)
-    assert sorted(p.name for p in (quick_repo / "reports").iterdir()) == ["figures", "report.html", "report.md"]
+    assert sorted(p.name for p in (quick_repo / "reports").iterdir()) == ["figures", "report.html", "report.md", "smda"]
     lds = json.loads((quick_repo / "metrics/lds.json").read_text())  # on in the quick preset, tiny
     assert lds["enabled"] and lds["subsets"] == params.lds.subsets
     assert set(next(iter(lds["lds"].values()))) == {"ekfac", "kfac", "identity"}
+    assert sum(r.data.tags["stage"] == "smda-sft" for r in runs) == 4 * 3  # every SMDA set × seed
+    smda_page = (quick_repo / "reports/smda/report.html").read_text()
+    assert smda_page.count("data:image/png;base64,") == 5
     evaluate_run = next(r for r in runs if r.data.tags["stage"] == "evaluate")
     assert "k" in evaluate_run.data.metrics
     # The per-arm trajectories render through the repo's plot template, without field errors.
