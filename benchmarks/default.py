@@ -114,9 +114,11 @@ def worker(args) -> None:
     """One setting, one fresh process: ms per default training step (printed as JSON)."""
     import torch  # first: libgomp reads OMP_WAIT_POLICY/GOMP_SPINCOUNT when torch loads it
 
-    seen = {k: os.environ.get(k) for k in OMP_VARS}  # `import mda` below only fills the default for children
+    from mda.train import deterministic  # `import mda` now only fills OMP_WAIT_POLICY in for children
+
+    seen = {k: os.environ.get(k) for k in OMP_VARS}
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    deterministic("cpu")  # as the stages run
     params = default_params()
     vocab = vocab_size()
     trainer = default_trainer(params, vocab)
@@ -471,8 +473,10 @@ def paired(fns: dict, reps: int) -> dict:
 def profile(params, vocab: int, quick: bool) -> dict:
     import torch
 
+    from mda.train import deterministic
+
     torch.set_num_threads(params.compute.threads)
-    torch.use_deterministic_algorithms(True)
+    deterministic("cpu")
     load = [load_average()]
     out = {
         "training_step": profile_training(params, vocab, 20 if quick else 80),
@@ -733,8 +737,10 @@ def lever_determinism(params, vocab: int, steps: int) -> dict:
 def levers(params, vocab: int, quick: bool, compile_: bool) -> dict:
     import torch
 
+    from mda.train import deterministic
+
     torch.set_num_threads(params.compute.threads)
-    torch.use_deterministic_algorithms(True)
+    deterministic("cpu")
     load = [load_average()]
     steps, reps = (30, 5) if quick else (100, 15)
     out = {"optimizer": lever_optimizer(params, vocab, steps),
@@ -838,7 +844,8 @@ def repro(args) -> None:
     section = {"from_log": stages_from_log(log), "exit_code": rc}
     if rusage.is_file():
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", rusage.read_text())
-        section["peak_rss_gb (largest process, /usr/bin/time -v)"] = m and round(int(m.group(1)) / 2 ** 20, 2)
+        section["peak_rss_gb"] = m and round(int(m.group(1)) / 2 ** 20, 2)
+        section["peak_rss_note"] = "/usr/bin/time -v: the largest single process of the run"
     if (cwd / "mlflow.db").is_file():
         section["from_mlflow"] = stages_from_mlflow(cwd / "mlflow.db")
     write_results(Path(args.json), {"stages": section})
