@@ -35,10 +35,10 @@ METRIC_VERSIONS = {"prefix_matching": "tl-mul-target-rows-v1", "previous_token":
 
 HELDOUT_ROWS_PER_FORWARD = 16
 """Held-out rows per forward: at the default shapes a training step's worth of logits (16 x 64
-x 2,067); one forward of all 256 rows (135 MB of logits) only adds memory traffic (about a
-quarter of the held-out pass, which retraining runs every `retrain.eval_every` steps:
-benchmarks/default.py). On CPU the losses are the same bits as in one forward (tested); every
-stage scores the held-out rows through this function, so they agree with each other anyway."""
+x 2,067); one forward of all 256 rows (135 MB of logits) only adds memory traffic: 10-30 % of
+the held-out pass, which retraining runs every `retrain.eval_every` steps (benchmarks/default.py).
+On CPU the losses are the same bits as in one forward (tested); every stage scores the held-out
+rows through this function, so they agree with each other anyway."""
 
 
 def probe_tokens(probe: ProbeSettings, model_config, vocab_size: int | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ this is exactly one forward and backward of the batch.
 Speed: AdamW and the gradient clipping use PyTorch's multi-tensor (`foreach`) kernels, one call
 over all parameters instead of a Python loop of small operations per parameter (PyTorch's
 default on GPUs). On CPU they give the bits of the per-parameter loop (tests/test_speed_levers.py)
-and save little there: about a tenth of the optimizer's ~4 % of a default step. The fused AdamW
+and save little there (0-2 % of a default step, of the optimizer's ~5 %). The fused AdamW
 kernel makes the optimizer ~3x cheaper but rounds differently (benchmarks/default.py), so it is
 not used.
 """
@@ -56,7 +56,7 @@ def deterministic(device_type: str) -> None:
     """Deterministic kernels for training and its evaluations (bit-exact reruns and resumes).
     PyTorch then also fills every new tensor with NaN, which only guards code that reads memory
     it never wrote (ours does not: the same bits with and without, tests/test_speed_levers.py).
-    The fill is switched off: it costs about 4 % of a default step (benchmarks/default.py)."""
+    The fill is switched off: it costs 2-4 % of a default step (benchmarks/default.py)."""
     torch.use_deterministic_algorithms(True, warn_only=device_type == "cuda")
     torch.utils.deterministic.fill_uninitialized_memory = False
 
