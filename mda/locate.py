@@ -33,6 +33,14 @@ METRIC_VERSIONS = {"prefix_matching": "tl-mul-target-rows-v1", "previous_token":
                    "induction_logprob": "zero-ablation-v1", "icl_score": "olsson-proportional-v1"}
 
 
+HELDOUT_ROWS_PER_FORWARD = 16
+"""Held-out rows per forward: at the default shapes a training step's worth of logits (16 x 64
+x 2,067); one forward of all 256 rows (135 MB of logits) only adds memory traffic: 10-30 % of
+the held-out pass, which retraining runs every `retrain.eval_every` steps (benchmarks/default.py).
+On CPU the losses are the same bits as in one forward (tested); every stage scores the held-out
+rows through this function, so they agree with each other anyway."""
+
+
 def probe_tokens(probe: ProbeSettings, model_config, vocab_size: int | None) -> torch.Tensor:
     """Repeated random tokens over the usable vocabulary (the tokenizer's, when smaller than the
     model's padded embedding) minus BOS/EOS."""
@@ -61,7 +69,8 @@ def checkpoint_metrics(model, probe: torch.Tensor, heldout: torch.Tensor | None,
     model_row = {}
     if heldout is not None:
         device = next(model.parameters()).device
-        losses = torch.cat([token_losses(model, rows.to(device)).cpu() for rows in heldout.split(max_sequences)])
+        rows_per_forward = min(max_sequences, HELDOUT_ROWS_PER_FORWARD)
+        losses = torch.cat([token_losses(model, rows.to(device)).cpu() for rows in heldout.split(rows_per_forward)])
         model_row = {"heldout_loss": losses.mean().item(), "icl_score": icl_score(losses)}
     if full:
         model_row["induction_logprob"] = clean

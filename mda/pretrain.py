@@ -21,7 +21,7 @@ from mda.errors import ConfigError, MdaError
 from mda.io import atomic_dir, clean_debris_in, read_json, write_json
 from mda.model import (TRAINER_STATE, hub_initial_model, neox_config, new_model, save_model, saved_steps,
                        step_dir)
-from mda.train import Trainer, pythia_save_steps, resume, train_steps
+from mda.train import Trainer, deterministic, pythia_save_steps, resume, train_steps
 from mda.units import attention_patterns, prefix_matching_score, repeated_random_tokens
 
 
@@ -92,7 +92,7 @@ def pretrain(params: Params, corpus_dir: str | os.PathLike, out: str | os.PathLi
     """Train from scratch over the whole stream, writing `out/step<N>/` checkpoints as it goes
     (each complete or absent). A rerun of the same run resumes from its last checkpoint."""
     rt = runtime(params.compute)
-    torch.use_deterministic_algorithms(True, warn_only=rt.device.type == "cuda")
+    deterministic(rt.device.type)
     out = Path(out)
     meta = read_corpus_meta(corpus_dir)
     if meta["seq_len"] > params.model.max_position_embeddings:

@@ -31,7 +31,7 @@ from mda.interventions import (StreamEdit, arm_set, augmentation, motif_profile,
 from mda.io import atomic_dir, clean_debris_in, read_json, write_json
 from mda.locate import checkpoint_metrics, probe_tokens
 from mda.model import TRAINER_STATE, load_model, save_model, step_dir
-from mda.train import Trainer, resume
+from mda.train import Trainer, deterministic, resume
 
 
 def eval_probes(params: Params, config, vocab_size: int | None, seeds: list[int]) -> dict[int, torch.Tensor]:
@@ -144,7 +144,7 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
     evaluation: a run killed anywhere continues from its last one when rerun with the same
     inputs, and ends with the same bytes as an uninterrupted run."""
     rt = runtime(params.compute)
-    torch.use_deterministic_algorithms(True, warn_only=rt.device.type == "cuda")
+    deterministic(rt.device.type)
     start, end = int(targets["window"]["start"]), int(targets["window"]["end"])
     stream = Stream(Path(corpus_dir) / "stream")
     check_batching(rt.world_size, rt.micro_batch, stream.batch_size)

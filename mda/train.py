@@ -17,6 +17,13 @@ gradients equal the full batch's. The ranks' gradients are summed by one all-red
 flat buffer (what DDP does, as a sum: our loss is already normalised by the global token
 count), then every rank clips and steps identically. With one process and no micro-batches
 this is exactly one forward and backward of the batch.
+
+Speed: AdamW and the gradient clipping use PyTorch's multi-tensor (`foreach`) kernels, one call
+over all parameters instead of a Python loop of small operations per parameter (PyTorch's
+default on GPUs). On CPU they give the bits of the per-parameter loop (tests/test_speed_levers.py)
+and save little there (0-2 % of a default step, of the optimizer's ~5 %). The fused AdamW
+kernel makes the optimizer ~3x cheaper but rounds differently (benchmarks/default.py), so it is
+not used.
 """
 
 from __future__ import annotations
@@ -45,6 +52,15 @@ def pythia_save_steps(last_step: int, every: int) -> list[int]:
     return sorted(s for s in steps if s <= last_step)
 
 
+def deterministic(device_type: str) -> None:
+    """Deterministic kernels for training and its evaluations (bit-exact reruns and resumes).
+    PyTorch then also fills every new tensor with NaN, which only guards code that reads memory
+    it never wrote (ours does not: the same bits with and without, tests/test_speed_levers.py).
+    The fill is switched off: it costs 2-4 % of a default step (benchmarks/default.py)."""
+    torch.use_deterministic_algorithms(True, warn_only=device_type == "cuda")
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Multiplier of the peak learning rate for the update made at `step`."""
     if step < warmup:
@@ -67,9 +83,12 @@ def batch_loss(model, input_ids: torch.Tensor, row_weights: torch.Tensor | None 
 
 
 class Trainer:
-    """Optimizer, schedule and RNG bookkeeping around a model; `step()` makes one update."""
+    """Optimizer, schedule and RNG bookkeeping around a model; `step()` makes one update.
+    `foreach=False`: per-parameter loops instead of the multi-tensor kernels (the same bits,
+    slower; kept for benchmarks/default.py's before/after)."""
 
-    def __init__(self, model, recipe: Pretrain, total_steps: int, rt: Runtime | None = None):
+    def __init__(self, model, recipe: Pretrain, total_steps: int, rt: Runtime | None = None,
+                 foreach: bool = True):
         self.rt = rt or Runtime(device=torch.device("cpu"), dtype=torch.float32, micro_batch=None,
                                 threads=torch.get_num_threads())
         self.model = model.to(self.rt.device)
@@ -79,7 +98,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": recipe.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps, foreach=False)
+            lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps, foreach=foreach)
+        self.foreach = foreach
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, recipe.warmup_steps, total_steps, recipe.min_lr_ratio))
@@ -93,7 +113,7 @@ class Trainer:
         """One update on a step's whole batch (every rank passes the same one); returns the
         batch's (weighted) mean token loss."""
         loss = self.accumulate(input_ids, row_weights)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip, foreach=self.foreach)
         self.optimizer.step()
         self.scheduler.step()
         return loss
@@ -151,6 +171,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> int:
         """Restore everything; returns the step to continue from."""
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a saved state carries the kernel choice of its writer
+            group["foreach"] = self.foreach
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])

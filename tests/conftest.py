@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import mda  # noqa: F401  (before any test imports torch: mda's OpenMP passive waiting, see mda/__init__.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for seconds on 2 cores; same code paths as the default.
