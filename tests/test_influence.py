@@ -14,6 +14,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from mda.config import Influence
 from mda.errors import MdaError
+from mda.errors import MdaError
 from mda.heads import Head, head_blocks, module_blocks
 from mda.influence.ekfac import fit_ekfac
 from mda.influence.grads import Projector, capture_batch, per_sample_gradients, sequence_losses
@@ -241,6 +242,13 @@ def test_scores_from_cache_predict_what_a_preconditioned_step_on_the_sample_does
     s = setup(inf, tmp_path / "ckpts", targets, rt, dtype=torch.float64)
     fit_factors(inf, s, stream, tmp_path / "factors")
     factors = load_factors(tmp_path / "factors", s)
+    # Factors are keyed by the checkpoint's content: other weights at the same step are refused.
+    with torch.no_grad():
+        model.gpt_neox.layers[0].mlp.dense_h_to_4h.bias.add_(1e-3)
+    save_model(model, step_dir(tmp_path / "other", 12))
+    other = setup(inf, tmp_path / "other", targets, rt, dtype=torch.float64)
+    with pytest.raises(MdaError, match=r"factors/L1H0/.*fitted for other inputs \(checkpoint differ"):
+        load_factors(tmp_path / "factors", other)
     cache_gradients(inf, s, stream, tmp_path / "gradients")
     scores = scores_from_cache(inf, s, stream, tmp_path / "gradients", preconditioned_probe(inf, s, factors))
     assert len(scores) == 48 and (scores.score > 0).any() and (scores.score < 0).any()
