@@ -11,11 +11,23 @@ from mda.tracking import git_commit, stage_run
 DATA, OUT = "data/smda", "reports/smda"
 
 
+def smda_section(text: str) -> str:
+    """The `smda` section of params.yaml as written (comments kept): the params this report is
+    made from, so that an ablation of the MDA pipeline does not rerun it."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith("smda:")), None)
+    end = len(lines) if start is None else next(
+        (i for i in range(start + 1, len(lines)) if lines[i][:1] not in ("", " ", "#", "\n")), len(lines))
+    note = ("# The smda section only; the model it starts from is data/checkpoints, made with the\n"
+            "# params quoted in reports/report.md.\n")
+    return note + ("".join(lines[start:end]).rstrip() + "\n" if start is not None else "")
+
+
 def main(params):
     with stage_run("smda-report", {"smda.evaluate": params.smda.evaluate}) as run:
         results = read_results(DATA)
         with atomic_dir(OUT) as tmp:
-            doc = build_report(results, Path("params.yaml").read_text(), git_commit()[:12], tmp)
+            doc = build_report(results, smda_section(Path("params.yaml").read_text()), git_commit()[:12], tmp)
             write_document(doc, tmp, title="SMDA report")
         run.log_artifacts(OUT, artifact_path="smda-report")
 
