@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import mda  # noqa: F401  (before any test imports torch: mda's OpenMP passive waiting, see mda/__init__.py)
+import mda  # noqa: F401  (before any test imports torch: mda's OpenMP spin count, see mda/__init__.py)
 
 REPO = Path(__file__).resolve().parents[1]
 
