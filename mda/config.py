@@ -262,8 +262,8 @@ class Influence(Section):
 
 
 # ----------------------------------------------------------------------------- select / retrain
-ArmName = Literal["baseline", "remove-top", "remove-random", "remove-bottom",
-                  "augment-top", "augment-random", "augment-synthetic"]
+ArmName = Literal["baseline", "remove-top", "remove-random", "remove-matched", "remove-bottom",
+                  "augment-top", "augment-random", "augment-matched", "augment-synthetic"]
 
 
 class Select(Section):
@@ -286,14 +286,19 @@ class Retrain(Section):
     fixed_arms: list[ArmName] = Field(default_factory=lambda: ["baseline", "remove-top", "augment-top"])
     """Arms whose data does not depend on a seed: trained once, evaluated with every seed's
     probe (`remove-bottom` is opt-in, for the time budget)."""
-    random_arms: list[ArmName] = Field(default_factory=lambda: ["remove-random", "augment-random",
-                                                                "augment-synthetic"])
-    """Arms trained once per seed (a new random set, or new synthetic rows, per seed).
-    `augment-synthetic` is a targeted arm (its control: `augment-random`) whose data depend on
-    the seed."""
+    random_arms: list[ArmName] = Field(default_factory=lambda: ["remove-random", "remove-matched", "augment-random",
+                                                                "augment-matched", "augment-synthetic"])
+    """Arms trained once per seed (a new random set, or new synthetic rows, per seed): the
+    controls `*-random` (drawn uniformly from the window) and `*-matched` (drawn with the top
+    set's domain mix), and `augment-synthetic`, a targeted arm whose data depend on the seed."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     """Random arms: one set (and one run) per seed, so K = len(seeds) random sets per control;
     every arm: the evaluation probe seed. K ≥ 19 lets the rank test reach p = 0.05."""
+    probe: ProbeSettings = ProbeSettings(seed=1000)
+    """The evaluation probe every arm is scored on every `eval_every` steps: run seed s draws with
+    seed `probe.seed + s`. Its own namespace, checked: no evaluation seed may be a probe seed that
+    chose the head and window (`locate.probe`), scored the samples (`influence.probe_seed`,
+    `influence.overlap_seeds`) or logged pretraining (`pretrain.probe`)."""
     tail_steps: int = Field(0, ge=0)
     """Steps trained after the window end (no interventions there)."""
     eval_every: int = Field(100, ge=1)
@@ -310,7 +315,7 @@ class Retrain(Section):
 
     @model_validator(mode="after")
     def _arm_kinds(self):
-        seeded = {"remove-random", "augment-random", "augment-synthetic"}
+        seeded = {"remove-random", "remove-matched", "augment-random", "augment-matched", "augment-synthetic"}
         for arm in self.fixed_arms:
             if arm in seeded:
                 raise ValueError(f"fixed_arms: {arm} depends on the seed; list it in random_arms")
@@ -640,6 +645,20 @@ class Params(Section):
         if self.model.source == "pretrain" and self.corpus.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"corpus.seq_len {self.corpus.seq_len} exceeds "
                              f"model.max_position_embeddings {self.model.max_position_embeddings}")
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_probes_are_their_own(self):
+        # torch's CPU generator keeps only a seed's low 32 bits, so seeds are compared modulo 2**32.
+        used = {"locate.probe.seed": [self.locate.probe.seed], "influence.probe_seed": [self.influence.probe_seed],
+                "influence.overlap_seeds": self.influence.overlap_seeds, "pretrain.probe.seed": [self.pretrain.probe.seed]}
+        base = self.retrain.probe.seed
+        for run_seed in self.retrain.seeds:
+            for key, seeds in used.items():
+                if any((base + run_seed - seed) % 2 ** 32 == 0 for seed in seeds):
+                    raise ValueError(f"retrain.probe.seed: the evaluation probe of run seed {run_seed} "
+                                     f"({base} + {run_seed}) is also a probe seed in {key}; evaluation needs probes "
+                                     "that neither chose the head and window nor scored the samples")
         return self
 
 

@@ -33,9 +33,13 @@ from mda.stats import RANK_TEST_MIN_SETS, chosen_test, rank_p, t_interval, t_tes
 from mda.unit_view import LEVELS, role_moves, unit_trajectories
 from mda.units import first_crossing
 
-# targeted arm → (its random control, the sign of the hypothesised effect on emergence delay)
-CONTROLS = {"remove-top": ("remove-random", +1), "augment-top": ("augment-random", -1),
-            "augment-synthetic": ("augment-random", -1)}
+# targeted arm → the sign of the hypothesised effect on emergence delay (+1: later)
+DIRECTION = {"remove-top": +1, "augment-top": -1, "augment-synthetic": -1}
+# targeted arm → its random controls: drawn uniformly from the window, and with the top set's domain mix
+CONTROLS = {"remove-top": ("remove-random", "remove-matched"), "augment-top": ("augment-random", "augment-matched"),
+            "augment-synthetic": ("augment-random", "augment-matched")}
+COMPARISONS = tuple((arm, control, DIRECTION[arm]) for arm, controls in CONTROLS.items() for control in controls)
+"""(targeted arm, control, direction): every test `evaluate` runs and every verdict the report gives."""
 EFFECTS = ("delay", "delta_score", "delta_auc", "icl_gain", "delta_heldout_loss")
 # The tables `evaluate` writes to data/evaluate/<name>.parquet (next to summary.json).
 TABLES = ("effects", "curves", "per_arm", "tests", "transfer", "enrichment", "top_samples", "edit_timing",
@@ -132,16 +136,20 @@ def run_effects(curves: pd.DataFrame, window: tuple[int, int], ev: Evaluate,
 
 # ----------------------------------------------------------------------------- per arm
 def arm_summary(effects: pd.DataFrame, confidence: float) -> pd.DataFrame:
-    """Per non-baseline arm and effect: mean, interval, number of seeds (and of runs that never
-    reached the emergence threshold)."""
+    """Per non-baseline arm and effect: mean, t-interval over seeds, number of seeds (and of runs
+    that never reached the emergence threshold), and what the interval measures (`interval`):
+    `probe` for an arm trained once (one model scored with each seed's probe: probe noise only),
+    `models` for an arm trained per seed (one model each: between-model spread)."""
     rows = []
     for arm, g in effects[effects.arm != "baseline"].groupby("arm", sort=False):
+        interval = "probe" if g.trained_once.all() else "models"
         for effect in EFFECTS:
             mean, low, high = t_interval(g[effect], confidence)
             rows.append({"arm": arm, "effect": effect, "mean": mean, "ci_low": low, "ci_high": high,
-                         "seeds": int(g[effect].notna().sum()),
+                         "seeds": int(g[effect].notna().sum()), "interval": interval,
                          "not_emerged": int(g.emergence_step.isna().sum())})
-    return pd.DataFrame(rows, columns=["arm", "effect", "mean", "ci_low", "ci_high", "seeds", "not_emerged"])
+    return pd.DataFrame(rows, columns=["arm", "effect", "mean", "ci_low", "ci_high", "seeds", "interval",
+                                       "not_emerged"])
 
 
 def model_values(effects: pd.DataFrame, arm: str, effect: str) -> np.ndarray:
@@ -153,12 +161,12 @@ def model_values(effects: pd.DataFrame, arm: str, effect: str) -> np.ndarray:
 
 
 def targeted_vs_random(effects: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """For each targeted arm with a random control and each effect: the targeted arm's models
-    (m: 1 when trained once, else one per seed) against the K random sets, one-sided in the
-    hypothesised direction, by the rank test and the t-test (`mda.stats`); `p_value` is the one
-    `chosen_test(K)` picks."""
+    """For each targeted arm, each of its random controls present (`COMPARISONS`) and each effect:
+    the targeted arm's models (m: 1 when trained once, else one per seed) against the K random
+    sets, one-sided in the hypothesised direction, by the rank test and the t-test (`mda.stats`);
+    `p_value` is the one `chosen_test(K)` picks."""
     rows = []
-    for arm, (control, sign) in CONTROLS.items():
+    for arm, control, sign in COMPARISONS:
         if not (effects.arm == arm).any() or not (effects.arm == control).any():
             continue
         for effect in ("delay", "delta_auc", "delta_score"):
@@ -183,8 +191,8 @@ def targeted_vs_random(effects: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 def icl_coupling(effects: pd.DataFrame) -> dict:
     """Does in-context learning move with the head? Pearson r between Δ target score and ICL
     gain at the window end over trained models (an arm trained once counts once, its probe
-    seeds averaged), with a one-sided p for r > 0; and per arm the share of seeds where both
-    move the same way."""
+    seeds averaged), with a one-sided p for r > 0; and per arm the share of its trained models
+    in which both move the same way (an arm trained once: one model, so 0 or 1)."""
     from scipy import stats
 
     e = effects[(effects.arm != "baseline")].dropna(subset=["delta_score", "icl_gain"])
@@ -193,9 +201,11 @@ def icl_coupling(effects: pd.DataFrame) -> dict:
     r = p = float("nan")
     if len(points) >= 3 and points.delta_score.std() > 0 and points.icl_gain.std() > 0:
         r, p = (float(v) for v in stats.pearsonr(points.delta_score, points.icl_gain, alternative="greater"))
-    agree = {arm: float((np.sign(g.delta_score) == np.sign(g.icl_gain)).mean())
-             for arm, g in e.groupby("arm", sort=False)}
-    return {"pearson_r": r, "p_value": p, "models": int(len(points)), "sign_agreement": agree}
+    same_way = np.sign(points.delta_score) == np.sign(points.icl_gain)
+    agree = {arm: float(g.mean()) for arm, g in same_way.groupby(level="arm", sort=False)}
+    models = {arm: int(n) for arm, n in same_way.groupby(level="arm", sort=False).size().items()}
+    return {"pearson_r": r, "p_value": p, "models": int(len(points)), "sign_agreement": agree,
+            "models_per_arm": models}
 
 
 # ----------------------------------------------------------------------------- every head at the window end
@@ -405,11 +415,11 @@ def headline_metrics(result: dict) -> dict:
     for arm, g in per_arm.groupby("arm", sort=False):
         out["arms"][arm] = {row.effect: {"mean": row.mean, "ci_low": row.ci_low, "ci_high": row.ci_high}
                             for row in g.itertuples() if row.effect in ("delay", "delta_score", "icl_gain")}
-    for row in tests.itertuples():
-        arm = out["targeted_vs_random"].setdefault(row.arm, {})
+    for row in tests.itertuples():  # per targeted arm, per control
+        arm = out["targeted_vs_random"].setdefault(row.arm, {}).setdefault(row.control, {})
         arm[f"p_{row.effect}"] = row.p_value  # the test chosen by K
         arm[f"p_rank_{row.effect}"], arm[f"p_t_{row.effect}"] = row.rank_p, row.t_p
-        arm["test"] = row.test
+        arm["test"], arm["random_sets"] = row.test, row.random_sets
     unit = result["unit_per_arm"]
     out["unit_delay"] = {arm: {row.level: row.mean for row in g[g.effect == "delay"].itertuples()}
                          for arm, g in unit.groupby("arm", sort=False)}

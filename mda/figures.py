@@ -11,8 +11,8 @@ from mda.fmt import fmt
 from mda.unit_view import LEVEL_LABELS, LEVELS
 
 ARM_COLOURS = {"baseline": "black", "remove-top": "tab:red", "remove-random": "lightcoral",
-               "remove-bottom": "tab:purple", "augment-top": "tab:blue", "augment-random": "lightskyblue",
-               "augment-synthetic": "tab:green"}
+               "remove-matched": "tab:brown", "remove-bottom": "tab:purple", "augment-top": "tab:blue",
+               "augment-random": "lightskyblue", "augment-matched": "tab:cyan", "augment-synthetic": "tab:green"}
 
 
 def plot_arm_trajectories(curves: pd.DataFrame, effects: pd.DataFrame, summary: dict, path) -> None:
@@ -52,15 +52,17 @@ def plot_effects(per_arm: pd.DataFrame, path) -> None:
         y = np.arange(len(arms))[::-1]
         for yi, (arm, row) in zip(y, g.iterrows()):
             colour = ARM_COLOURS.get(arm, "grey")
+            probe_noise = row.get("interval") == "probe"  # one model's probe draws: dashed, hollow
             if np.isfinite(row.ci_low):
-                ax.plot([row.ci_low, row.ci_high], [yi, yi], color=colour, lw=2)
-            ax.plot([row["mean"]], [yi], "o", color=colour, ms=7)
+                ax.plot([row.ci_low, row.ci_high], [yi, yi], color=colour, lw=2, ls=":" if probe_noise else "-")
+            ax.plot([row["mean"]], [yi], "o", color=colour, ms=7, mfc="white" if probe_noise else colour)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(y)
         ax.set_yticklabels(arms)
         ax.set_xlabel(EFFECT_LABELS[effect])
         ax.grid(alpha=0.3, axis="x")
-    axes[0].set_title("Effect vs baseline (mean, 95 % CI over seeds)", loc="left")
+    axes[0].set_title("Effect vs baseline: mean and 95 % interval — solid: between trained models; "
+                      "hollow, dotted: arms trained once (probe noise only)", loc="left", fontsize=9)
     plots.save(fig, path)
 
 

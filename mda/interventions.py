@@ -31,9 +31,10 @@ import pandas as pd
 
 from mda.errors import MdaError
 
-ARMS = ("baseline", "remove-top", "remove-random", "remove-bottom",
-        "augment-top", "augment-random", "augment-synthetic")
-SEEDED_ARMS = {"remove-random", "augment-random", "augment-synthetic"}  # the seed changes the data
+ARMS = ("baseline", "remove-top", "remove-random", "remove-matched", "remove-bottom",
+        "augment-top", "augment-random", "augment-matched", "augment-synthetic")
+SEEDED_ARMS = {"remove-random", "remove-matched", "augment-random", "augment-matched",
+               "augment-synthetic"}  # the seed changes the data
 PLACEMENTS = ("in_place", "upweight", "later")  # retrain.augment_placement
 
 
@@ -55,8 +56,9 @@ def union_scores(scores: pd.DataFrame) -> pd.DataFrame:
 
 def select_sets(scores: pd.DataFrame, k: int, seeds: list[int], union: bool) -> pd.DataFrame:
     """Rows (set, target, sample_id, rank, score): per target, `<target>:top` and
-    `<target>:bottom` (k by score), and `<target>:random-<seed>` per seed (k drawn uniformly,
-    ranked by score for display)."""
+    `<target>:bottom` (k by score), and per seed `<target>:random-<seed>` (k drawn uniformly from
+    the window) and `<target>:matched-<seed>` (`domain_matched`: the top set's domain mix); the
+    random sets ranked by score for display."""
     groups = {h: g for h, g in scores.groupby("head")}
     if union and len(groups) > 1:
         groups["union"] = union_scores(scores)
@@ -67,6 +69,7 @@ def select_sets(scores: pd.DataFrame, k: int, seeds: list[int], union: bool) -> 
         for seed in seeds:
             rng = np.random.default_rng([seed, 7])
             picks[f"random-{seed}"] = g.iloc[np.sort(rng.choice(len(g), size=k, replace=False))]
+            picks[f"matched-{seed}"] = g.iloc[domain_matched(g.domain.to_numpy(), picks["top"].domain, seed)]
         for name, rows in picks.items():
             parts.append(pd.DataFrame({"set": f"{target}:{name}", "target": target,
                                        "sample_id": rows.sample_id.to_numpy(),
@@ -75,12 +78,24 @@ def select_sets(scores: pd.DataFrame, k: int, seeds: list[int], union: bool) -> 
     return pd.concat(parts, ignore_index=True)
 
 
+def domain_matched(domains: np.ndarray, top_domains: pd.Series, seed: int) -> np.ndarray:
+    """Sorted positions into `domains` (the window's samples) of a random set with the top set's
+    domain mix: per domain, as many samples as the top set holds, drawn uniformly within the
+    domain (numpy default_rng([seed, 19]), domains in sorted order). The control for "junk rows
+    matter" against "these rows matter": 98.6 % of the default's top set is one domain."""
+    rng = np.random.default_rng([seed, 19])
+    counts = top_domains.value_counts()
+    picked = [rng.choice(np.flatnonzero(domains == d), size=int(counts[d]), replace=False)
+              for d in sorted(counts.index)]
+    return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=np.int64)
+
+
 def arm_set(arm: str, seed: int) -> str | None:
     """Which selected set an arm uses (`None` for baseline)."""
     if arm == "baseline":
         return None
     kind = arm.split("-", 1)[1]
-    return f"random-{seed}" if kind == "random" else ("top" if kind == "synthetic" else kind)
+    return f"{kind}-{seed}" if kind in ("random", "matched") else ("top" if kind == "synthetic" else kind)
 
 
 # ----------------------------------------------------------------------------- stream edits

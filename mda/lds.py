@@ -7,7 +7,7 @@ influence scores predict what retraining without a subset of the window does.
   retrain arms) and the model retrained from the window start to the window end through the
   arms' own loop (`mda.retrain.train_edit`). At the window end we measure, per target head, the
   influence probe f (`mda.influence.probes`, on the tokens the scores differentiate) and the
-  head's locate metric (the target score, on locate's probe, as the arms evaluate it), each
+  head's locate metric (the target score, on the arms' seed-0 evaluation probe), each
   minus its value in the unedited run (the checkpoint at the window end, which an unedited
   retrain reproduces bit for bit on CPU).
 - **Predicted.** score(z) is (1/η ×) the change of f one gradient step on z makes (sign
@@ -140,12 +140,12 @@ def influence_probe_tokens(params: Params, config) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(model, probe: str, probe_ids: torch.Tensor, locate_ids: torch.Tensor, heads: list[Head],
+def measure(model, probe: str, probe_ids: torch.Tensor, eval_ids: torch.Tensor, heads: list[Head],
             metric: str, max_sequences: int) -> dict[str, dict[str, float]]:
     """head → {probe: f, target_score: the head's locate metric} of `model`."""
     model.eval()
     device = next(model.parameters()).device
-    frame, _ = checkpoint_metrics(model, locate_ids, None, max_sequences, full=False)
+    frame, _ = checkpoint_metrics(model, eval_ids, None, max_sequences, full=False)
     frame = frame.set_index(["layer", "head"])
     return {h.name: {"probe": float(PROBES[probe](model, probe_ids.to(device), h).item()),
                      "target_score": float(frame.loc[(h.layer, h.head), metric])} for h in heads}
@@ -161,7 +161,7 @@ def run_identity(params: Params, checkpoints, stream: Stream, targets: dict, pro
             "train": value_digest([params.pretrain.model_dump(), params.retrain.fresh_optimizer,
                                    params.compute.model_dump()]),
             "measure": value_digest([probe, inf.probe_sequences, inf.probe_half_len, inf.probe_seed,
-                                     params.locate.probe.model_dump(), params.locate.max_sequences,
+                                     params.retrain.probe.model_dump(), params.locate.max_sequences,
                                      [h["name"] for h in targets["heads"]], targets["metric"], vocab]),
             "code": code_version("mda.lds")}
 
@@ -170,8 +170,9 @@ def ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def subset_file(work: Path, index: int) -> Path:
-    return Path(work) / f"subset-{index:05d}.json"
+def subset_file(work: Path, key: int | str) -> Path:
+    """Random subset m → `subset-0000m.json`; a named removal (a top set: `top-ekfac-L2H2`) → `<name>.json`."""
+    return Path(work) / (f"subset-{key:05d}.json" if isinstance(key, int) else f"{key}.json")
 
 
 def finished_subsets(work: Path, identities: dict[int, dict]) -> tuple[dict[int, dict], list[str]]:
@@ -194,9 +195,11 @@ def finished_subsets(work: Path, identities: dict[int, dict]) -> tuple[dict[int,
 
 
 def subset_outcomes(params: Params, checkpoints, corpus_dir, targets: dict, probe: str,
-                    subsets: dict[int, np.ndarray], work: Path, rt, vocab: int | None) -> tuple[dict, dict[int, dict], int]:
+                    subsets: dict[int | str, np.ndarray], work: Path, rt, vocab: int | None,
+                    what: str = "subsets") -> tuple[dict, dict, int]:
     """(the unedited run's measurements, {subset: its file's content}, how many were reused) —
-    each missing subset retrained and measured, its file written as soon as it is finished (rank 0)."""
+    each missing subset retrained and measured, its file written as soon as it is finished (rank 0).
+    `subsets`: removed samples by subset index, or by name for the top sets (`proponent_sets`)."""
     stream = Stream(Path(corpus_dir) / "stream")
     start, end = int(targets["window"]["start"]), int(targets["window"]["end"])
     heads = [Head(int(h["layer"]), int(h["head"])) for h in targets["heads"]]
@@ -210,7 +213,7 @@ def subset_outcomes(params: Params, checkpoints, corpus_dir, targets: dict, prob
     done = rt.broadcast_object(done)
     todo = [m for m in subsets if m not in done]
     if rt.is_main:
-        print(f"lds: {len(done)} of {len(subsets)} subsets finished earlier and reused; {len(todo)} to retrain"
+        print(f"lds: {len(done)} of {len(subsets)} {what} finished earlier and reused; {len(todo)} to retrain"
               + (f" (files from other inputs: {'; '.join(why)} differ)" if why else ""), flush=True)
 
     unedited, settings = {}, None
@@ -223,7 +226,7 @@ def subset_outcomes(params: Params, checkpoints, corpus_dir, targets: dict, prob
         del end_model
 
     rows = stream.read(start, end - 1, columns=["sample_id", "step", "batch_pos"]).to_pandas()
-    for m in tqdm(todo, desc="lds: subsets", unit="subset", disable=not rt.is_main):
+    for m in tqdm(todo, desc=f"lds: {what}", unit="run", disable=not rt.is_main):
         began = time.perf_counter()
         edit = removal(rows, set(subsets[m].tolist()), stream.batch_size)
         model, fresh = train_edit(params, checkpoints, stream, (start, end), edit, rt, desc=f"lds subset {m}")
@@ -233,6 +236,56 @@ def subset_outcomes(params: Params, checkpoints, corpus_dir, targets: dict, prob
             write_json(subset_file(work, m), done[m])
         rt.barrier()
     return unedited, done, len(subsets) - len(todo)
+
+
+# ----------------------------------------------------------------------------- proponents
+def proponent_sets(scores: pd.DataFrame, fraction: float) -> dict[str, np.ndarray]:
+    """Per estimator and target head, `top-<estimator>-<head>`: the round(fraction · n) samples with
+    the highest scores (ties by sample id) — the samples each estimator says raise f most."""
+    out = {}
+    for head, g in scores.groupby("head", sort=True):
+        k = int(round(fraction * len(g)))
+        for name in ESTIMATORS:
+            top = g.sort_values([name, "sample_id"], ascending=[False, True]).head(k)
+            out[f"top-{name}-{head}"] = np.sort(top.sample_id.to_numpy(dtype=np.int64))
+    return out
+
+
+def proponent_table(table: pd.DataFrame, unedited: dict, outcomes: dict[str, dict], resamples: int,
+                    confidence: float, seed: int) -> pd.DataFrame:
+    """The proponent ratio per head × estimator × output: the measured change from removing the
+    estimator's top set over the mean measured change from removing a random subset of the same
+    size (the M LDS subsets), with a percentile bootstrap interval over the random subsets. A ratio
+    far above 1 says the top set moves f far more than chance: what a good attribution finds."""
+    rows = []
+    tail = 100 * (1 - confidence) / 2
+    for (head, name), g in table.groupby(["head", "estimator"], sort=True):
+        g = g.sort_values("subset")
+        idx = bootstrap_indices(len(g), resamples, seed)
+        for out in OUTPUTS:
+            top = outcomes[f"top-{name}-{head}"]["measured"][head][out] - unedited[head][out]
+            random = g[f"{out}_change"].to_numpy(dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                boot = top / random[idx].mean(axis=1)
+            boot = boot[np.isfinite(boot)]
+            low, high = np.percentile(boot, [tail, 100 - tail]) if len(boot) else (np.nan, np.nan)
+            rows.append({"head": head, "estimator": name, "output": out, "top_change": top,
+                         "random_mean_change": float(random.mean()), "random_sd_change": float(random.std(ddof=1)),
+                         "random_subsets": int(len(random)), "ratio": top / float(random.mean()),
+                         "ratio_low": float(low), "ratio_high": float(high),
+                         "removed": int(outcomes[f"top-{name}-{head}"]["masked_rows"])})
+    return pd.DataFrame(rows)
+
+
+def proponent_summary(table: pd.DataFrame) -> dict:
+    """head → estimator → output → {ratio, low, high, top_change, random_mean_change} (None for NaN)."""
+    value = lambda v: float(v) if np.isfinite(v) else None
+    out = {}
+    for r in table.itertuples():
+        out.setdefault(r.head, {}).setdefault(r.estimator, {})[r.output] = {
+            "ratio": value(r.ratio), "low": value(r.ratio_low), "high": value(r.ratio_high),
+            "top_change": value(r.top_change), "random_mean_change": value(r.random_mean_change)}
+    return out
 
 
 # ----------------------------------------------------------------------------- tables

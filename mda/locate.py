@@ -16,7 +16,6 @@ import torch
 from tqdm import tqdm
 
 from mda.compute import runtime
-from mda.compute import runtime
 from mda.config import Locate, Params, ProbeSettings
 from mda.data.corpus import read_heldout
 from mda.errors import MdaError
@@ -30,7 +29,7 @@ from mda.units import (ATTENTION_METRICS, COPYING_VERSION, attention_patterns, c
 UNIT_METRIC = {"induction": "prefix_matching", "previous_token": "previous_token"}
 METRIC_VERSIONS = {"prefix_matching": "tl-mul-target-rows-v1", "previous_token": "tl-mul-target-rows-v1",
                    "duplicate_token": "tl-mul-target-rows-v1", "copying": COPYING_VERSION,
-                   "induction_logprob": "zero-ablation-v1", "icl_score": "olsson-proportional-v1"}
+                   "induction_logprob": "zero-ablation-v1", "icl_score": "olsson-positions-v2"}
 
 
 HELDOUT_ROWS_PER_FORWARD = 16
@@ -130,10 +129,10 @@ def scan_checkpoints(params: Params, checkpoints: str | os.PathLike, corpus_dir:
         "heads_per_layer": config.num_attention_heads,
         "probe": {**loc.probe.model_dump(), "uniform_baseline": {
             m: uniform_baseline(m, probe) for m in ATTENTION_METRICS}},
-        "icl": {"context": heldout.shape[1] - 1, "late_index": late, "early_tokens": early,
+        "icl": {"context": heldout.shape[1] - 1, "late_index": late, "early_index": early,
                 "heldout_rows": len(heldout),
-                "rule": "mean loss at late_index − mean loss over the first early_tokens "
-                        "(Olsson et al.: 500 and 50; scaled to the context when it is < 501)"},
+                "rule": "mean loss at late_index − mean loss at early_index over the held-out rows "
+                        "(Olsson et al.: tokens 500 and 50; the same fractions of the context when it is < 501)"},
     }
     head_table = pd.concat(heads, ignore_index=True)
     head_table = head_table[["step", "layer", "head", *[c for c in head_table if c not in ("step", "layer", "head")]]]
@@ -277,7 +276,7 @@ def plot_icl(curve: pd.DataFrame, targets: dict, path) -> None:
     right = ax.twinx()
     icl = targets["icl"]
     right.plot(curve.step, curve.icl_score, color="tab:blue", lw=2,
-               label=f"ICL score (loss@{icl['late_index']} − mean loss@<{icl['early_tokens']})")
+               label=f"ICL score (loss@{icl['late_index']} − loss@{icl['early_index']})")
     right.set_ylabel("ICL score (nats; lower = more in-context learning)", color="tab:blue")
     lines = ax.get_legend_handles_labels()
     more = right.get_legend_handles_labels()

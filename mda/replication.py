@@ -7,13 +7,15 @@ Run the default under three pretraining seeds, then summarise (nothing here runs
     dvc queue start --jobs 1 && dvc queue status          # one at a time: 2 CPU cores
     python -m mda.replication                             # calls `dvc exp show --json`
     python -m mda.replication --input exp.json --out replication.md   # from a saved JSON
+    python -m mda.replication --dirs results/default results/init-seed-1 results/init-seed-2
 
 One row per experiment (and per commit row of the JSON, e.g. the branch's own run) that has
 `metrics/evaluate.json`: init seed, target head, window, k, the baseline's emergence step, each
 arm's emergence delay (mean [95 % t-interval] over seeds, as `evaluate` reports it), the p-value
-of each targeted arm against its random control (the test `evaluate` chose by K, named), and the
-ICL coupling r (p). Below the table, per targeted arm: in how many experiments it moved emergence
-in the hypothesised direction beyond its random control, and in how many with p ≤ 0.05.
+of each targeted arm against each of its random controls (the test `evaluate` chose by K, named),
+the ICL coupling r (p) and every verdict. Below the table, per targeted arm and control: in how many
+experiments it moved emergence in the hypothesised direction beyond the control, and in how many
+with p ≤ 0.05.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from mda.errors import MdaError
-from mda.evaluate import CONTROLS  # targeted arm → (its random control, +1: hypothesis is a later emergence)
+from mda.evaluate import COMPARISONS  # (targeted arm, random control, +1: hypothesis is a later emergence)
 from mda.interventions import ARMS
 from mda.stats import ALPHA
 
@@ -77,8 +79,10 @@ def summarise(row: dict) -> dict | None:
            "baseline_emergence": _get(ev, "baseline", "emergence_step"),
            "missing_runs": ev.get("missing_runs", 0),
            "delay": {arm: _get(ev, "arms", arm, "delay") for arm in ARM_ORDER if _get(ev, "arms", arm, "delay")},
-           "tests": {arm: {"p": t.get("p_delay"), "test": t.get("test")}
-                     for arm, t in (ev.get("targeted_vs_random") or {}).items()},
+           "tests": {(arm, control): {"p": t.get("p_delay"), "test": t.get("test"), "k": t.get("random_sets")}
+                     for arm, by_control in (ev.get("targeted_vs_random") or {}).items()
+                     for control, t in by_control.items()},
+           "verdicts": ev.get("verdicts") or {},
            "icl_r": _get(ev, "icl_coupling", "pearson_r"), "icl_p": _get(ev, "icl_coupling", "p_value")}
     return out
 
@@ -100,22 +104,25 @@ def _delay(d: dict | None) -> str:
 def _p(t: dict | None) -> str:
     if not t or t.get("p") is None or t["p"] != t["p"]:
         return "—"
-    return f"{t['p']:.2g}" + (f" ({t['test']})" if t.get("test") else "")
+    return f"{t['p']:.2g}" + (f" ({t['test']}, K = {t['k']})" if t.get("test") and t.get("k") else
+                              f" ({t['test']})" if t.get("test") else "")
 
 
 def table(summaries: list[dict]) -> pd.DataFrame:
     """The side-by-side table: one row per experiment; arms and tests present in any experiment."""
     arms = [a for a in ARM_ORDER if any(a in s["delay"] for s in summaries)]
-    tested = [a for a in CONTROLS if any(a in s["tests"] for s in summaries)]
+    tested = [(a, c) for a, c, _ in COMPARISONS if any((a, c) in s["tests"] for s in summaries)]
+    claims = list(dict.fromkeys(v for s in summaries for v in s["verdicts"]))
     rows = []
     for s in summaries:
         row = {"experiment": s["experiment"], "init seed": _num(s["init_seed"]), "target": s["target"] or "—",
                "window": f"{_num(s['window'][0])} → {_num(s['window'][1])}", "k": _num(s["k"]),
                "baseline emergence": _num(s["baseline_emergence"])}
         row.update({f"{arm} delay": _delay(s["delay"].get(arm)) for arm in arms})
-        row.update({f"p {arm}": _p(s["tests"].get(arm)) for arm in tested})
+        row.update({f"p {arm} vs {control}": _p(s["tests"].get((arm, control))) for arm, control in tested})
         row["ICL r (p)"] = "—" if s["icl_r"] is None else \
             f"{s['icl_r']:+.2f} ({'—' if s['icl_p'] is None else format(s['icl_p'], '.2g')})"
+        row.update({f"verdict: {c}": s["verdicts"].get(c, "—") for c in claims})
         if s["missing_runs"]:
             row["experiment"] += f" ({s['missing_runs']} runs missing)"
         rows.append(row)
@@ -126,13 +133,13 @@ def consistency(summaries: list[dict]) -> list[str]:
     """Per targeted arm: experiments where its delay is beyond its control's in the hypothesised
     direction, and where its p ≤ ALPHA."""
     out = []
-    for arm, (control, sign) in CONTROLS.items():
+    for arm, control, sign in COMPARISONS:
         both = [s for s in summaries if arm in s["delay"] and control in s["delay"]]
         if not both:
             continue
         beyond = sum(sign * (s["delay"][arm]["mean"] - s["delay"][control]["mean"]) > 0 for s in both)
-        significant = sum((s["tests"].get(arm) or {}).get("p") is not None and s["tests"][arm]["p"] <= ALPHA
-                          for s in both)
+        p = lambda s: (s["tests"].get((arm, control)) or {}).get("p")
+        significant = sum(p(s) is not None and p(s) == p(s) and p(s) <= ALPHA for s in both)
         way = "later" if sign > 0 else "earlier"
         out.append(f"`{arm}` moved emergence {way} than `{control}` in {beyond} of {len(both)} experiments; "
                    f"p ≤ {ALPHA} in {significant} of {len(both)}.")
@@ -145,8 +152,32 @@ def markdown(frame: pd.DataFrame) -> str:
                      + [cells(r) for r in frame.itertuples(index=False)])
 
 
-def report(exp_show: list[dict], include_workspace: bool = False, names: list[str] | None = None) -> str:
-    rows = exp_rows(exp_show, include_workspace)
+def folder_rows(folders: list[str]) -> list[dict]:
+    """Rows like `exp_rows`' from experiment folders (`results/<name>/`: its `params.yaml` and
+    `metrics/*.json`), named after the folder; a missing or unreadable file is one line naming it."""
+    import yaml
+
+    rows = []
+    for folder in map(Path, folders):
+        params_file = folder / PARAMS
+        if not params_file.is_file():
+            raise MdaError(f"{params_file}: missing (an experiment folder holds the params it ran)")
+        metrics = {}
+        for name in (EVALUATE, LOCATE):
+            path = folder / name
+            if path.is_file():
+                try:
+                    metrics[name] = json.loads(path.read_text())
+                except json.JSONDecodeError as err:
+                    raise MdaError(f"{path}: not valid JSON ({err.msg})") from None
+        rows.append({"name": folder.name, "rev": "", "params": {PARAMS: yaml.safe_load(params_file.read_text())},
+                     "metrics": metrics, "error": None})
+    return rows
+
+
+def report(exp_show: list[dict] | None = None, include_workspace: bool = False, names: list[str] | None = None,
+           folders: list[str] | None = None) -> str:
+    rows = folder_rows(folders) if folders else exp_rows(exp_show, include_workspace)
     if names:
         rows = [r for r in rows if r["name"] in names]
     summaries, skipped = [], []
@@ -174,16 +205,19 @@ def main(argv=None) -> None:
     ap.add_argument("--out", help="write the Markdown here (default: stdout)")
     ap.add_argument("--names", nargs="*", help="only these experiments / commit rows")
     ap.add_argument("--include-workspace", action="store_true", help="also the workspace row")
+    ap.add_argument("--dirs", nargs="+", help="experiment folders (results/<name>/: params.yaml, metrics/) "
+                                              "instead of `dvc exp show`")
     args = ap.parse_args(argv)
     try:
-        if args.input:
-            exp_show = json.loads(Path(args.input).read_text())
+        if args.dirs:
+            text = report(names=args.names, folders=args.dirs)
+        elif args.input:
+            text = report(json.loads(Path(args.input).read_text()), args.include_workspace, args.names)
         else:
             res = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True)
             if res.returncode:
                 raise MdaError(f"dvc exp show --json failed: {res.stderr.strip().splitlines()[-1:]}")
-            exp_show = json.loads(res.stdout)
-        text = report(exp_show, args.include_workspace, args.names)
+            text = report(json.loads(res.stdout), args.include_workspace, args.names)
     except MdaError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

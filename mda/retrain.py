@@ -35,8 +35,10 @@ from mda.train import Trainer, deterministic, resume
 
 
 def eval_probes(params: Params, config, vocab_size: int | None, seeds: list[int]) -> dict[int, torch.Tensor]:
-    """Per seed, locate's probe with its seed offset by the run seed (seed 0 = locate's own)."""
-    p = params.locate.probe
+    """Per run seed s, the evaluation probe `retrain.probe` drawn with seed `retrain.probe.seed + s`
+    — a namespace of its own (checked in `mda.config`), so no arm is scored on the probe that chose
+    its head and window or on the sequences the influence scores were computed on."""
+    p = params.retrain.probe
     return {s: probe_tokens(ProbeSettings(sequences=p.sequences, half_len=p.half_len, seed=p.seed + s),
                             config, vocab_size) for s in seeds}
 
@@ -117,7 +119,6 @@ def arm_identity(params: Params, arm: str, seeds: list[int], edit: StreamEdit, c
             "start_checkpoint": checkpoint_digest(step_dir(checkpoints, window[0])),
             "stream": files_digest(stream.parts(window[0], last)), "edit": value_digest(edit.summary),
             "edit_rows": edit_digest(edit), "params": value_digest([params.retrain.model_dump(), params.pretrain.model_dump(),
-                                                                      params.locate.probe.model_dump(),
                                                                       params.locate.heldout_rows, params.locate.max_sequences,
                                                                       params.compute.threads]),
             "code": code_version("mda.retrain")}

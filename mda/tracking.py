@@ -273,6 +273,15 @@ class NullRun:
 
 
 @contextmanager
+def peak_rss_gib() -> float:
+    """This process's peak resident set size so far, GiB, and that of its finished children
+    (torchrun ranks): what `/usr/bin/time -v` reports as the maximum resident set size."""
+    import resource
+
+    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return round(kib / 2 ** 20, 3)  # Linux reports KiB
+
+
 def stage_run(stage: str, params: dict, run_name: str | None = None,
               tags: dict[str, str] | None = None) -> Iterator[StageRun]:
     """An MLflow run for one stage (or one retrain arm × seed), with its params logged.
@@ -299,6 +308,7 @@ def stage_run(stage: str, params: dict, run_name: str | None = None,
         raise
     finally:
         try:
+            run.log_metric("peak_rss_gib", peak_rss_gib())
             run.flush()
         finally:
             store.call(store.client.set_terminated, info.run_id, status)

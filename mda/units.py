@@ -27,7 +27,10 @@ COPYING_VERSION = "ov-eig-v1"
 W_U·diag(γ_final)·W_O^h·W_V^h·diag(γ_ln1)·W_Eᵀ (Elhage et al. 2021), LayerNorm centring/scale
 and biases ignored. +1: the head raises the logit of the token it attends to; −1: lowers it."""
 
-ICL_LATE_INDEX, ICL_EARLY_TOKENS, ICL_CONTEXT = 500, 50, 501
+ICL_LATE_INDEX, ICL_EARLY_INDEX, ICL_CONTEXT = 500, 50, 501
+"""Olsson et al. (2022): "the loss of the 500th token in the context minus the average loss of the
+50th token", averaged over examples — two single positions. (The MDA paper subtracts the mean loss
+over the first 50 tokens instead; mda uses Olsson's definition, see README.)"""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -238,20 +241,20 @@ def head_ablation_logprobs(model, tokens: torch.Tensor, max_sequences: int = 409
 
 # ----------------------------------------------------------------------------- in-context learning
 def icl_positions(context: int) -> tuple[int, int]:
-    """(late index, early tokens) for the ICL score: Olsson et al.'s token 500 and first 50
-    tokens when the context has ≥ 501 predicted tokens, else the same fractions of it."""
+    """(late index, early index) of the ICL score: Olsson et al.'s tokens 500 and 50 when the
+    context has ≥ 501 predicted tokens, else the same fractions of it (64 tokens: 63 and 6)."""
     if context >= ICL_CONTEXT:
-        return ICL_LATE_INDEX, ICL_EARLY_TOKENS
+        return ICL_LATE_INDEX, ICL_EARLY_INDEX
     late = min(context - 1, round(ICL_LATE_INDEX * context / ICL_CONTEXT))
-    early = max(1, round(ICL_EARLY_TOKENS * context / ICL_CONTEXT))
+    early = min(late - 1, max(0, round(ICL_EARLY_INDEX * context / ICL_CONTEXT)))
     return late, early
 
 
 def icl_score(token_losses: torch.Tensor) -> float:
-    """Mean loss at the late index minus mean loss over the early tokens (negative = the model
-    uses its context). `token_losses` (rows, predicted positions)."""
+    """Mean loss at the late position minus mean loss at the early one (Olsson et al.; negative =
+    the model uses its context). `token_losses` (rows, predicted positions)."""
     late, early = icl_positions(token_losses.shape[1])
-    return (token_losses[:, late].mean() - token_losses[:, :early].mean()).item()
+    return (token_losses[:, late].mean() - token_losses[:, early].mean()).item()
 
 
 # ----------------------------------------------------------------------------- trajectories

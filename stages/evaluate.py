@@ -13,6 +13,7 @@ from mda.errors import MdaError
 from mda.evaluate import TABLES, evaluate, headline_metrics, json_ready
 from mda.io import atomic_dir, atomic_file, read_targets, write_json, write_parquet
 from mda.tracking import flatten, stage_run
+from mda.verdicts import verdicts
 
 RETRAIN, TARGETS, OUT = "data/retrain", "data/locate/targets.json", "data/evaluate"
 SETS, SCORES = "data/select/sets.parquet", "data/scores/scores.parquet"
@@ -32,6 +33,7 @@ def main(params):
         result = evaluate(params, RETRAIN, read_targets(TARGETS), read_table(SETS, "select"),
                           read_table(SCORES, "scores"), Stream(STREAM), TOKENIZER)
         metrics = headline_metrics(result)
+        metrics["verdicts"] = {v.claim: v.state + (" (exploratory)" if v.exploratory else "") for v in verdicts(result)}
         with atomic_dir(OUT) as tmp:
             for name in TABLES:
                 write_parquet(tmp / f"{name}.parquet", pa.Table.from_pandas(result[name], preserve_index=False))

@@ -17,8 +17,8 @@ from mda.data.stream import Stream
 from mda.influence.factors import load_factors
 from mda.influence.window import setup
 from mda.io import atomic_dir, read_targets, write_json, write_parquet
-from mda.lds import (OUTPUTS, estimator_scores, per_subset_table, plot_lds, subset_ids, subset_outcomes,
-                     subset_table, summarise)
+from mda.lds import (OUTPUTS, estimator_scores, per_subset_table, plot_lds, proponent_sets, proponent_summary, proponent_table,
+                     subset_ids, subset_outcomes, subset_table, summarise)
 from mda.pretrain import read_corpus_meta
 from mda.tracking import stage_run
 
@@ -48,26 +48,36 @@ def main(params):
         window = stream.read(int(targets["window"]["start"]), int(targets["window"]["end"]) - 1,
                              columns=["sample_id"]).column("sample_id").to_numpy()
         subsets = {m: subset_ids(window, c.fraction, c.seed, m) for m in range(c.subsets)}
+        vocab = read_corpus_meta(CORPUS).get("vocab_size")
         unedited, outcomes, reused = subset_outcomes(params, CHECKPOINTS, CORPUS, targets, probe, subsets, WORK, rt,
-                                             read_corpus_meta(CORPUS).get("vocab_size"))
+                                                     vocab)
+        # Proponents: each estimator's top `fraction` removed, against the random subsets of that size.
+        _, top_outcomes, _ = subset_outcomes(params, CHECKPOINTS, CORPUS, targets, probe,
+                                             proponent_sets(scores, c.fraction), WORK, rt, vocab, what="top sets")
         if not rt.is_main:
             return
         table = per_subset_table(scores, subsets, unedited, outcomes)
         summary = summarise(table, c.bootstrap, c.confidence, c.seed)
+        proponents = proponent_table(table, unedited, top_outcomes, c.bootstrap, c.confidence, c.seed)
         seconds = [o["seconds"] for o in outcomes.values()]
         meta = {"enabled": True, "probe": probe, "metric": targets["metric"], "window": targets["window"],
                 "subsets": c.subsets, "fraction": c.fraction, "removed_per_subset": int(len(subsets[0])),
                 "window_samples": int(len(window)), "unedited": unedited,
                 "fresh_optimizer": any(o["fresh_optimizer"] for o in outcomes.values()),
                 "predicted": "−Σ score over the removed samples (removing a sample undoes its step)",
-                "lds": summary}  # no wall times here: same inputs, same bytes (they go to MLflow)
+                "lds": summary, "proponent_ratio": proponent_summary(proponents),
+                "proponent_rule": "measured change from removing the estimator's top `fraction` by score over the "
+                                  "mean measured change from removing the random subsets (same size)"}
+        # no wall times in these files: same inputs, same bytes (they go to MLflow)
         with atomic_dir(OUT) as tmp:
             write_parquet(tmp / "subsets.parquet", pa.Table.from_pandas(subset_table(subsets), preserve_index=False))
             write_parquet(tmp / "per_subset.parquet", pa.Table.from_pandas(table, preserve_index=False))
             write_parquet(tmp / "scores.parquet", pa.Table.from_pandas(scores, preserve_index=False))
+            write_parquet(tmp / "proponents.parquet", pa.Table.from_pandas(proponents, preserve_index=False))
             write_json(tmp / "summary.json", meta)
             plot_lds(table, summary, tmp / "lds.png")
-        write_json(METRICS, {k: meta[k] for k in ("enabled", "subsets", "probe", "metric", "lds")})
+        write_json(METRICS, {k: meta[k] for k in ("enabled", "subsets", "fraction", "probe", "metric", "lds",
+                                                  "proponent_ratio")})
         for head, by_estimator in summary.items():
             for name, by_output in by_estimator.items():
                 run.log_metrics({f"{head}/{name}/lds_{out}": by_output[out]["lds"] for out in OUTPUTS})

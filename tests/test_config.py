@@ -111,3 +111,44 @@ def test_lds_preset_is_the_default_with_the_lds_stage_on():
     assert preset["lds"]["subsets"] >= 32
     preset["lds"]["enabled"] = False
     assert preset == default
+
+
+@pytest.mark.parametrize("seed, run_seed, key", [
+    (0, 1, "locate.probe.seed"),          # 0 + 1 = locate's seed 1: the probe that chose head and window
+    (0, 2, "influence.probe_seed"),       # the probe the scores were computed on
+    (2, 3, "influence.overlap_seeds"),    # 2 + 3 = 5, one of the other scored draws
+    (2 ** 32 + 1, 0, "locate.probe.seed"),  # torch keeps a seed's low 32 bits: 2**32 + 1 draws as 1
+])
+def test_evaluation_probe_seeds_may_not_reuse_a_probe_that_chose_or_scored(tmp_path, seed, run_seed, key):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["retrain"]["probe"]["seed"], raw["retrain"]["seeds"] = seed, [run_seed]
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, raw))
+    assert str(err.value).startswith(f"{tmp_path / 'params.yaml'}: retrain.probe.seed: the evaluation probe of run "
+                                     f"seed {run_seed}") and f"is also a probe seed in {key}" in str(err.value)
+
+
+def test_evaluation_probes_share_no_sequence_with_the_probes_that_chose_and_scored():
+    """The default's evaluation probes (K = 19 run seeds) against locate's probe and every influence
+    draw, row by row — before the namespace, run seed 1's probe was the influence probe's first 32
+    sequences (same generator, same seed)."""
+    from types import SimpleNamespace
+
+    from mda.config import ProbeSettings
+    from mda.locate import probe_tokens
+    from mda.retrain import eval_probes
+
+    params = load_params(REPO / "presets/power.yaml")
+    config = SimpleNamespace(vocab_size=2067, bos_token_id=0, eos_token_id=1)
+    rows = lambda t: {tuple(r) for r in t.tolist()}
+    evaluation = set().union(*(rows(t) for t in eval_probes(params, config, None, params.retrain.seeds).values()))
+    inf = params.influence
+    chose_or_scored = rows(probe_tokens(params.locate.probe, config, None))
+    for seed in [inf.probe_seed, *inf.overlap_seeds]:
+        chose_or_scored |= rows(probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
+                                                           seed=seed), config, None))
+    assert len(evaluation) == 19 * params.retrain.probe.sequences
+    assert not evaluation & chose_or_scored
+    # the old rule (locate's seed + run seed) would have shared run seed 1's whole probe with the scores' draw
+    old = rows(probe_tokens(ProbeSettings(sequences=32, half_len=32, seed=params.locate.probe.seed + 1), config, None))
+    assert old <= chose_or_scored

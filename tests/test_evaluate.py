@@ -97,10 +97,30 @@ def test_icl_coupling_correlation_and_sign_agreement():
     c = icl_coupling(run_effects(pd.concat(rows), WINDOW, EV, set()))
     assert c["models"] == 4 and c["pearson_r"] > 0.95 and c["p_value"] < 0.05
     assert c["sign_agreement"] == {"remove-top": 1.0, "augment-top": 1.0, "remove-random": 1.0}
-    # An arm trained once counts once however many probe seeds evaluated it.
+    # An arm trained once counts once however many probe seeds evaluated it — in r and in sign agreement.
     once = run_effects(pd.concat(rows + [curve("remove-top", 1, 1200, top=0.6, icl_end=-1.6)]), WINDOW, EV,
                        {"baseline", "remove-top", "augment-top"})
     assert icl_coupling(once)["models"] == 4
+    assert icl_coupling(once)["models_per_arm"] == {"remove-top": 1, "augment-top": 1, "remove-random": 2}
+
+
+def test_sign_agreement_counts_trained_models_not_probe_seeds():
+    """One model scored with three probes whose ICL gains disagree in sign: per probe seed that
+    would be 1/3 agreement; per trained model (its probe seeds averaged) it is one model that
+    agrees (mean ICL gain > 0 with Δ score > 0)."""
+    rows = [curve("baseline", s, 1200) for s in range(3)]
+    rows += [curve("augment-top", s, 1200, top=0.9, icl_end=e) for s, e in enumerate([-2.5, -1.9, -1.95])]
+    c = icl_coupling(run_effects(pd.concat(rows), WINDOW, EV, {"baseline", "augment-top"}))
+    # icl gains: −2.0·... baseline ends at −2.0; arm at −2.5, −1.9, −1.95 → gains +0.5, −0.1, −0.05 (mean +0.117)
+    assert c["sign_agreement"] == {"augment-top": 1.0} and c["models_per_arm"] == {"augment-top": 1}
+
+
+def test_arm_summary_says_what_each_interval_measures():
+    rows = [curve("baseline", s, 1200) for s in range(3)] + [curve("remove-top", s, 1300 + s) for s in range(3)]
+    rows += [curve("remove-random", s, 1200 + 20 * s) for s in range(3)]
+    summary = arm_summary(run_effects(pd.concat(rows), WINDOW, EV, {"baseline", "remove-top"}), 0.95)
+    kinds = summary.groupby("arm").interval.unique().to_dict()
+    assert {a: list(v) for a, v in kinds.items()} == {"remove-top": ["probe"], "remove-random": ["models"]}
 
 
 def head_runs(deltas: dict, baseline: dict):

@@ -31,7 +31,8 @@ def stream_rows(n=40):
 def test_selection_sizes_order_and_seeds():
     scores = fake_scores()
     sets = select_sets(scores, k=4, seeds=[0, 1], union=True)
-    assert sets.groupby("set").size().to_dict() == {f"L1H0:{s}": 4 for s in ("top", "bottom", "random-0", "random-1")}
+    assert sets.groupby("set").size().to_dict() == {f"L1H0:{s}": 4 for s in ("top", "bottom", "random-0", "random-1",
+                                                                              "matched-0", "matched-1")}
     top = sets[sets.set == "L1H0:top"]
     assert list(top.sample_id) == list(scores.nlargest(4, "score").sample_id) and list(top["rank"]) == [1, 2, 3, 4]
     assert set(sets[sets.set == "L1H0:bottom"].sample_id) == set(scores.nsmallest(4, "score").sample_id)
@@ -43,6 +44,31 @@ def test_selection_sizes_order_and_seeds():
     assert set_size(40, 0.1, None) == 4 and set_size(40, 0.1, 7) == 7
     with pytest.raises(MdaError, match=r"select: k = 41 samples, but the window holds 40 \(select.count\)"):
         set_size(40, 0.1, 41)
+
+
+def test_domain_matched_sets_have_the_top_sets_domain_mix_drawn_uniformly_within_each_domain():
+    rng = np.random.default_rng(1)
+    n, k = 600, 60
+    domains = np.array(["junk"] * 150 + ["prose"] * 300 + ["code"] * 150)
+    scores = pd.DataFrame({"sample_id": np.arange(n), "step": np.arange(n) // B, "domain": domains, "head": "L1H0",
+                           "probe": "induction", "score": rng.normal(size=n) + 3.0 * (domains == "junk")})
+    sets = select_sets(scores, k=k, seeds=list(range(40)), union=False)
+    domain_of = scores.set_index("sample_id").domain
+    top_mix = domain_of[sets[sets.set == "L1H0:top"].sample_id].value_counts().to_dict()
+    assert top_mix["junk"] > 40  # the top set is mostly junk, as on the default
+    picked = []
+    for seed in range(40):
+        ids = sets[sets.set == f"L1H0:matched-{seed}"].sample_id.to_numpy()
+        assert len(set(ids)) == k and domain_of[ids].value_counts().to_dict() == top_mix
+        picked.append(ids)
+    assert len({tuple(sorted(ids)) for ids in picked}) == 40  # a new set per seed
+    # uniform within a domain: every junk sample is drawn about equally often (40 · 45 / 150 = 12 times)
+    counts = pd.Series(np.concatenate(picked)).value_counts()
+    junk = counts.reindex(np.flatnonzero(domains == "junk"), fill_value=0)
+    assert junk.min() >= 2 and junk.max() <= 25 and abs(junk.mean() - 40 * top_mix["junk"] / 150) < 1e-9
+    # the uniform control ignores domains: its junk share is the window's (25 %), not the top set's
+    uniform = np.concatenate([sets[sets.set == f"L1H0:random-{s}"].sample_id for s in range(40)])
+    assert abs((domain_of[uniform] == "junk").mean() - 0.25) < 0.03
 
 
 def test_removal_zeroes_exactly_the_selected_rows():

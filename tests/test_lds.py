@@ -185,6 +185,20 @@ def test_lds_stage_end_to_end_resumes_and_is_off_by_default(influence_repo):
     row = table[(table.subset == 1) & (table["head"] == head) & (table.estimator == "ekfac")]
     assert row.probe.item() == f
     assert row.probe_change.item() == pytest.approx(f - summary["unedited"][head]["probe"], abs=1e-12)
+    # Proponents: each estimator's top `fraction` (here a half) removed, measured like a subset.
+    proponents = pd.read_parquet(out / "proponents.parquet")
+    assert len(proponents) == 3 * len(heads) * 2 and set(proponents.output) == {"probe", "target_score"}
+    assert "lds: 0 of 3 top sets finished earlier and reused; 3 to retrain" in res.stdout
+    top = scores[scores["head"] == head].sort_values(["ekfac", "sample_id"], ascending=[False, True]).head(window // 2)
+    by_hand = retrain_by_hand(repo, targets, set(top.sample_id.tolist()), params)
+    with torch.no_grad():
+        f_top = PROBES[summary["probe"]](by_hand, tokens, Head(h["layer"], h["head"])).item()
+    row = proponents[(proponents["head"] == head) & (proponents.estimator == "ekfac") & (proponents.output == "probe")]
+    assert row.top_change.item() == pytest.approx(f_top - summary["unedited"][head]["probe"], abs=1e-12)
+    random_mean = table[(table["head"] == head) & (table.estimator == "ekfac")].probe_change.mean()
+    assert row.random_mean_change.item() == pytest.approx(random_mean, rel=1e-12)
+    assert row.ratio.item() == pytest.approx(row.top_change.item() / random_mean, rel=1e-12)
+    assert summary["proponent_ratio"][head]["ekfac"]["probe"]["ratio"] == pytest.approx(row.ratio.item(), rel=1e-12)
     lds_metrics = json.loads((repo / "metrics/lds.json").read_text())
     assert lds_metrics["enabled"] and lds_metrics["subsets"] == 4
     r = lds_metrics["lds"][head]["ekfac"]["probe"]

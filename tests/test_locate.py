@@ -116,7 +116,7 @@ def test_locate_stage_outputs(trained_repo):
     model = pd.read_parquet(out / "model.parquet")
     assert list(model.step) == steps and np.isfinite(model[["heldout_loss", "icl_score"]]).all().all()
     targets = json.loads((out / "targets.json").read_text())
-    assert targets["icl"] == {**targets["icl"], "context": 32, "late_index": 31, "early_tokens": 3}
+    assert targets["icl"] == {**targets["icl"], "context": 32, "late_index": 31, "early_index": 3}
     assert targets["window"]["start"] in steps and targets["influence_step"] == targets["window"]["end"]
     for png in ("head_trajectories.png", "heads_final.png", "icl_vs_target.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

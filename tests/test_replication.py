@@ -16,10 +16,11 @@ def evaluation(emergence, top, rand, aug, aug_rand, p_top, p_aug, test, r, p_r, 
             "baseline": {"emergence_step": emergence, "score_end": 0.83, "icl_end": -2.1},
             "arms": {"remove-top": delay(*top), "remove-random": delay(*rand), "augment-top": delay(*aug),
                      "augment-random": delay(*aug_rand)},
-            "targeted_vs_random": {"remove-top": {"p_delay": p_top, "p_rank_delay": 0.25, "p_t_delay": p_top,
-                                                  "test": test},
-                                   "augment-top": {"p_delay": p_aug, "test": test}},
-            "icl_coupling": {"pearson_r": r, "p_value": p_r}}
+            "targeted_vs_random": {"remove-top": {"remove-random": {"p_delay": p_top, "p_rank_delay": 0.25,
+                                                                    "p_t_delay": p_top, "test": test, "random_sets": 3}},
+                                   "augment-top": {"augment-random": {"p_delay": p_aug, "test": test, "random_sets": 3}}},
+            "icl_coupling": {"pearson_r": r, "p_value": p_r},
+            "verdicts": {"Removing beats random": "supported (exploratory)" if p_top <= 0.05 else "not shown"}}
 
 
 def rev(name, sha, seed, ev, target="L2H2", error=None):
@@ -60,13 +61,16 @@ def test_table_puts_the_headline_effects_side_by_side():
     text = report(exp_show())
     lines = text.splitlines()
     assert lines[0] == ("| experiment | init seed | target | window | k | baseline emergence | remove-top delay | "
-                        "remove-random delay | augment-top delay | augment-random delay | p remove-top | "
-                        "p augment-top | ICL r (p) |")
+                        "remove-random delay | augment-top delay | augment-random delay | p remove-top vs remove-random | "
+                        "p augment-top vs augment-random | ICL r (p) | verdict: Removing beats random |")
     assert lines[2] == ("| main | 0 | L2H2 | 3,500 → 6,000 | 4,000 | 4,258 | +302 [+271, +333] | +30 [-6, +67] | "
-                        "-6 [-23, +11] | -11 [-55, +34] | 0.0026 (t) | 0.6 (t) | +0.83 (0.005) |")
+                        "-6 [-23, +11] | -11 [-55, +34] | 0.0026 (t, K = 3) | 0.6 (t, K = 3) | +0.83 (0.005) | "
+                        "supported (exploratory) |")
     assert lines[3] == ("| init-seed-1 | 1 | L2H1 | 4,000 → 5,500 | 2,400 | 4,100 | +236 [+200, +270] | "
-                        "+25 [+0, +50] | -40 [-60, -20] | +5 [-10, +20] | 0.03 (t) | 0.04 (t) | +0.50 (0.2) |")
-    assert lines[4].startswith("| init-seed-2 | 2 | L2H2 |") and "| 0.7 (t) | — | -0.10 (0.8) |" in lines[4]
+                        "+25 [+0, +50] | -40 [-60, -20] | +5 [-10, +20] | 0.03 (t, K = 3) | 0.04 (t, K = 3) | "
+                        "+0.50 (0.2) | supported (exploratory) |")
+    assert lines[4].startswith("| init-seed-2 | 2 | L2H2 |") and \
+        "| 0.7 (t, K = 3) | — | -0.10 (0.8) | not shown |" in lines[4]
     assert len([l for l in lines if l.startswith("| ")]) == 5  # header, rule, three experiments
     # remove-top beyond remove-random: 302 > 30, 236 > 25, 20 < 40 → 2 of 3; p ≤ 0.05 in 2.
     assert "- `remove-top` moved emergence later than `remove-random` in 2 of 3 experiments; p ≤ 0.05 in 2 of 3." \
@@ -89,3 +93,30 @@ def test_cli_reads_a_saved_json_and_fails_in_one_line(tmp_path, capsys):
         main(["--input", str(path)])
     assert exit_.value.code == 1 and capsys.readouterr().err.strip() == \
         "error: dvc exp show: no experiment has metrics/evaluate.json (skipped: main (no metrics/evaluate.json))"
+
+
+def test_experiment_folders_give_the_same_rows_as_dvc_exp_show(tmp_path, capsys):
+    """`--dirs results/<name> …`: each folder's params.yaml and metrics/*.json, named after the folder."""
+    import yaml
+
+    commit = exp_show()[1]
+    runs = [commit] + [e["revs"][0] for e in commit["experiments"][:2]]
+    folders = []
+    for name, row in zip(["default", "init-seed-1", "init-seed-2"], runs):
+        folder = tmp_path / name
+        (folder / "metrics").mkdir(parents=True)
+        data = row["data"]
+        (folder / "params.yaml").write_text(yaml.safe_dump(data["params"]["params.yaml"]["data"]))
+        for file, content in data["metrics"].items():
+            (folder / file).write_text(json.dumps(content["data"]))
+        folders.append(str(folder))
+    out = tmp_path / "replication.md"
+    main(["--dirs", *folders, "--out", str(out)])
+    from_folders = out.read_text().splitlines()
+    from_exp = report(exp_show()).splitlines()
+    assert from_folders[2] == from_exp[2].replace("| main |", "| default |", 1)
+    assert from_folders[3:5] == from_exp[3:5]
+    (tmp_path / "default" / "metrics" / "evaluate.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        main(["--dirs", *folders])
+    assert "default/metrics/evaluate.json: not valid JSON" in capsys.readouterr().err

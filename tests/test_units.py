@@ -233,12 +233,16 @@ def test_icl_positions_scale_with_short_contexts():
     assert icl_positions(501) == (500, 50)
     assert icl_positions(64) == (63, 6)
     assert icl_positions(10) == (9, 1)
+    assert icl_positions(2) == (1, 0)
 
 
-def test_icl_score_is_late_minus_early_loss():
+def test_icl_score_is_late_minus_early_position_as_olsson_defines_it():
+    """Olsson et al.: loss of the 500th token minus loss of the 50th — single positions, not a mean
+    over the first 50 tokens (a hand-built loss table where the two differ)."""
     losses = torch.arange(64, dtype=torch.float32).expand(4, 64)
-    assert icl_score(losses) == pytest.approx(63 - np.mean(range(6)))
+    assert icl_score(losses) == pytest.approx(63 - 6)
     long = torch.zeros(2, 600)
     long[:, 500] = -1.0
-    long[:, :50] = 2.0
+    long[:, :50] = 5.0   # a mean over the first 50 tokens would give −6
+    long[:, 50] = 2.0
     assert icl_score(long) == pytest.approx(-3.0)

@@ -8,12 +8,15 @@ from mda.verdicts import (NOT_SHOWN, NOT_SIGNIFICANT, NOT_TESTED, SUPPORTED, icl
                           verdicts)
 from tests.test_evaluate import effects_table
 
-ARMS = ["baseline", "remove-top", "augment-top", "remove-random", "augment-random", "augment-synthetic"]
+ARMS = ["baseline", "remove-top", "augment-top", "remove-random", "remove-matched", "augment-random",
+        "augment-matched", "augment-synthetic"]
+UNIFORM = {"remove-top": "remove-random", "augment-top": "augment-random", "augment-synthetic": "augment-random"}
 
 
-def verdict(arm, delays: dict, configured=ARMS, missing=()):
+def verdict(arm, delays: dict, configured=ARMS, missing=(), control=None):
     e = effects_table({"baseline": [0.0] * len(next(iter(delays.values()))), **delays})
-    return targeted_verdict(arm, targeted_vs_random(e), arm_summary(e, 0.95), list(configured), list(missing))
+    return targeted_verdict(arm, control or UNIFORM[arm], targeted_vs_random(e), arm_summary(e, 0.95),
+                            list(configured), list(missing))
 
 
 def test_supported_by_the_t_test_when_k_is_below_19():
@@ -24,8 +27,19 @@ def test_supported_by_the_t_test_when_k_is_below_19():
     assert "the prediction-interval t-test (chosen because K = 3 < 19) gives p = 0.0247 ≤ 0.05" in v.reason
     assert "Rank test p = 0.25 (smallest possible: 0.25)" in v.detail
     assert "t = +4.33, df = 2, p = 0.0247" in v.detail
+    assert v.exploratory  # the t-test decided: not the test declared before the runs
     assert v.sentence().startswith("Removing the top-k set delays emergence more than removing a random set: "
-                                   "**supported** — ")
+                                   "**supported** (exploratory: K < 19, t-test) — ")
+
+
+def test_the_domain_matched_control_is_its_own_comparison():
+    delays = {"remove-top": [300.0] * 3, "remove-random": [0.0, 50.0, 100.0], "remove-matched": [250.0, 300.0, 350.0]}
+    uniform, matched = verdict("remove-top", delays), verdict("remove-top", delays, control="remove-matched")
+    assert uniform.state == SUPPORTED
+    assert matched.state == NOT_SHOWN and "the random sets +300 on average (not beyond)" in matched.reason
+    assert matched.claim == ("Removing the top-k set delays emergence more than removing a random set with the top "
+                             "set's domain mix")
+    assert not matched.exploratory  # "not shown" is decided by the direction, not by a test
 
 
 def test_in_the_direction_but_not_significant():
@@ -41,7 +55,8 @@ def test_the_rank_test_decides_from_19_sets_whatever_the_t_test_says():
     assert "the rank test (chosen because K = 19 ≥ 19) gives p = 0.1 > 0.05" in v.reason
     assert "p = 0.016" in v.detail  # the t-test, reported but not deciding
     v18 = verdict("remove-top", {"remove-top": [60.0] * 18, "remove-random": heavy[1:]})
-    assert v18.state == SUPPORTED and "t-test (chosen because K = 18 < 19)" in v18.reason
+    assert v18.state == SUPPORTED and "t-test (chosen because K = 18 < 19)" in v18.reason and v18.exploratory
+    assert not v.exploratory and "exploratory" not in v.sentence()
     beyond = verdict("remove-top", {"remove-top": [300.0] * 19, "remove-random": list(np.arange(19.0) * 10)})
     assert beyond.state == SUPPORTED and "the rank test (chosen because K = 19 ≥ 19) gives p = 0.05 ≤ 0.05" in beyond.reason
 
@@ -77,7 +92,7 @@ def test_a_moved_role_is_noted_but_does_not_decide():
     delays = {"remove-top": [300.0] * 3, "remove-random": [0.0, 50.0, 100.0]}
     plain = verdict("remove-top", delays)
     e = effects_table({"baseline": [0.0] * 3, **delays})
-    moved = targeted_verdict("remove-top", targeted_vs_random(e), arm_summary(e, 0.95), ARMS, [],
+    moved = targeted_verdict("remove-top", "remove-random", targeted_vs_random(e), arm_summary(e, 0.95), ARMS, [],
                              {"runs": 3, "moved": 2, "to": ["L1H3"]})
     assert (moved.state, moved.reason) == (plain.state, plain.reason)
     assert moved.detail.endswith("In 2 of 3 `remove-top` runs the role moved to another head (L1H3; see *The unit, "
@@ -88,7 +103,7 @@ def test_a_seeded_targeted_arm_gets_its_own_verdict():
     v = verdict("augment-synthetic", {"augment-synthetic": [-100.0, -120.0, -110.0], "augment-random": [0.0, -10.0, 10.0]})
     assert v.state == SUPPORTED and v.claim.startswith("Synthetic motif rows")
     assert "the pooled two-sample t-test (chosen because K = 3 < 19) gives p = 8.78e-05" in v.reason
-    assert "3 trained models, one per seed" in v.detail and "Permutation test p = 0.05 (smallest possible: 0.05)" in v.detail
+    assert "95 % CI over 3 trained models, one per seed" in v.detail and "Permutation test p = 0.05 (smallest possible: 0.05)" in v.detail
 
 
 def coupling(r, p, agreement, models=8):
@@ -102,7 +117,8 @@ def coupling(r, p, agreement, models=8):
      "the rule needs r > 0 and ≥ 50 % sign agreement in every targeted arm; `augment-top` had 33%"),
     (coupling(-0.2, 0.7, {"remove-top": 1.0}), NOT_SHOWN, "r = -0.20 ≤ 0"),
     (coupling(0.83, 0.005, {"remove-top": 1.0, "augment-top": 1.0, "augment-random": 0.0}), SUPPORTED,
-     "r = +0.83 > 0, every targeted arm moves both the same way in ≥ 50 % of its seeds, and one-sided p = 0.005 ≤ 0.05"),
+     "r = +0.83 > 0, every targeted arm moves both the same way in ≥ 50 % of its trained models, and one-sided "
+     "p = 0.005 ≤ 0.05"),
     (coupling(0.4, 0.2, {"remove-top": 0.5, "augment-synthetic": 2 / 3}), NOT_SIGNIFICANT,
      "but one-sided p = 0.2 > 0.05"),
 ])
@@ -116,6 +132,7 @@ def test_every_hypothesis_gets_a_verdict():
     ev = {"tests": targeted_vs_random(e), "per_arm": arm_summary(e, 0.95),
           "summary": {"fixed_arms": ["baseline", "remove-top"], "random_arms": ["remove-random"], "missing_runs": [],
                       "icl_coupling": coupling(float("nan"), float("nan"), {}, 2)}}
-    states = [(v.claim.split()[0], v.state) for v in verdicts(ev)]
-    assert states == [("Removing", SUPPORTED), ("Duplicating", NOT_TESTED), ("Synthetic", NOT_TESTED),
-                      ("In-context", NOT_TESTED)]
+    states = [(v.claim.split()[0], v.claim.endswith("domain mix"), v.state) for v in verdicts(ev)]
+    assert states == [("Removing", False, SUPPORTED), ("Removing", True, NOT_TESTED),
+                      ("Duplicating", False, NOT_TESTED), ("Duplicating", True, NOT_TESTED),
+                      ("Synthetic", False, NOT_TESTED), ("Synthetic", True, NOT_TESTED), ("In-context", False, NOT_TESTED)]
