@@ -777,7 +777,7 @@ def stages_from_mlflow(db: Path, pipeline: str | None = None) -> dict:
                                                  "where end_time is not null and status = 'FINISHED'")]
     con.close()
     if not runs:
-        return {"source": str(db), "error": "no finished runs"}
+        return {"source": db.name, "error": "no finished runs"}
     by_pipeline = {}
     for r, s, e in runs:
         by_pipeline.setdefault(tags.get(r, {}).get("pipeline_id"), []).append((r, s, e))
@@ -797,7 +797,7 @@ def stages_from_mlflow(db: Path, pipeline: str | None = None) -> dict:
         out[name] = {"mlflow_run_s": round((e - s) / 1e3, 1),
                      "wall_s": round((e - (previous_end if previous_end is not None else s)) / 1e3, 1)}
         previous_end = e
-    return {"source": str(db), "pipeline_id": pipeline, "stages": out,
+    return {"source": db.name, "pipeline_id": pipeline, "stages": out,
             "total_wall_s": round((groups[order[-1]][1] - groups[order[0]][0]) / 1e3, 1),
             "note": "wall_s: from the previous stage's end to this stage's end (sequential dvc repro); the first "
                     "stage's start-up before its MLflow run opens is not included"}
@@ -822,7 +822,7 @@ def stages_from_log(log: Path) -> dict:
     stages = {name: {"wall_s": round(((starts[i + 1][1] if i + 1 < len(starts) else last) - t), 1)}
               for i, (name, t) in enumerate(starts)}
     total = round(last - starts[0][1], 1) if starts else 0.0
-    return {"source": str(log), "stages": stages, "total_wall_s": total}
+    return {"source": log.name, "stages": stages, "total_wall_s": total}
 
 
 def repro(args) -> None:
@@ -904,7 +904,7 @@ def retrain_window(data: Path) -> tuple[int, str]:
     targets = data / "locate" / "targets.json"
     if targets.is_file():
         w = json.loads(targets.read_text())["window"]
-        return w["end"] - w["start"], str(targets)
+        return w["end"] - w["start"], "data/locate/targets.json"  # no machine path in committed JSON
     return 2500, "default window of the embedded default run (3500 -> 6000); no data/locate/targets.json here"
 
 

@@ -97,7 +97,8 @@ def main(argv=None) -> dict:
         check = {"column": own, "samples": int(len(ref)),
                  "max_abs_diff_over_max_abs": float(np.abs(ref.score - ref[own]).max() / ref.score.abs().max())}
 
-    out = {"data": str(data), "window": list(s.window), "influence_step": s.step,
+    out = {"data": data.name,  # no machine path in committed JSON
+            "window": list(s.window), "influence_step": s.step,
            "heads": [h.name for h in s.heads], "samples": int(frame.sample_id.nunique()),
            "probe": s.probe, "probe_half_len": inf.probe_half_len, "blocks": inf.blocks,
            "select_fraction": params.select.fraction, "select_count": params.select.count,

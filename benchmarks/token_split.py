@@ -87,7 +87,8 @@ def main(argv=None) -> dict:
         source = later.to_numpy(bool) & ~g.predictable.to_numpy(bool)
         pos = g.contribution.clip(lower=0).to_numpy()
         recurs[label] = {"positions": float(source.mean()), "positive_share": float(pos[source].sum() / pos.sum())}
-    out = {"data": str(data), "window": list(s.window), "influence_step": s.step, "probe": s.probe,
+    out = {"data": data.name,  # no machine path in committed JSON
+            "window": list(s.window), "influence_step": s.step, "probe": s.probe,
            "probe_sequences": inf.probe_sequences, "probe_seed": inf.probe_seed,
            "token_samples": inf.token_samples, "tokens": metrics, "examples": examples,
            "recurring_later_not_predictable": recurs,

@@ -272,7 +272,6 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
-@contextmanager
 def peak_rss_gib() -> float:
     """This process's peak resident set size so far, GiB, and that of its finished children
     (torchrun ranks): what `/usr/bin/time -v` reports as the maximum resident set size."""
@@ -282,6 +281,7 @@ def peak_rss_gib() -> float:
     return round(kib / 2 ** 20, 3)  # Linux reports KiB
 
 
+@contextmanager
 def stage_run(stage: str, params: dict, run_name: str | None = None,
               tags: dict[str, str] | None = None) -> Iterator[StageRun]:
     """An MLflow run for one stage (or one retrain arm × seed), with its params logged.
