@@ -26,7 +26,9 @@ def main(params):
         sets = select_sets(scores, k, params.retrain.seeds, sel.union)
         meta = {"k": k, "window_samples": window_samples, "seeds": params.retrain.seeds,
                 "rule": "top/bottom: k highest/lowest scores; random-<seed>: k drawn uniformly "
-                        "with numpy default_rng([seed, 7]); union: mean of score/std over heads",
+                        "with numpy default_rng([seed, 7]); matched-<seed>: per domain as many as the top set "
+                        "holds, drawn uniformly within the domain with default_rng([seed, 19]); union: mean "
+                        "of score/std over heads",
                 "targets": {}}
         for target, group in sets.groupby("target"):
             by_head = scores if target == "union" else scores[scores["head"] == target]

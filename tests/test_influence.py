@@ -150,12 +150,13 @@ def agreement(estimate, exact) -> dict:
             "top10": top_overlap(estimate, exact)}
 
 
-def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
-    """EK-FAC vs the exact damped-inverse influence on a model small enough for the explicit
-    Fisher of the head's blocks (512 parameters, qk + v + o). The exact side uses the same
-    label draws and per-block damping; K-FAC (the same factors without the eigenvalue
-    correction, `mda.influence.estimators`) shows what the correction adds, and the identity
-    (plain gradient dot products) what any curvature adds."""
+def exact_check() -> tuple[dict, float]:
+    """({estimator: agreement with the exact damped-Fisher-inverse scores}, EK-FAC's Spearman with
+    the exact block-diagonal inverse) on a model small enough for the explicit Fisher of the head's
+    blocks (512 parameters, qk + v + o). The exact side uses the same label draws and per-block
+    damping; K-FAC (the same factors without the eigenvalue correction) shows what the correction
+    adds, the identity (plain gradient dot products) what any curvature adds. Also run by
+    `benchmarks/ekfac_exact.py`, which commits the numbers the README quotes."""
     from mda.influence.estimators import preconditioners
 
     model = tiny_model()
@@ -188,7 +189,12 @@ def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
         blockwise -= g_train[:, part] @ torch.linalg.solve(
             fisher[part, part] + factors[b.name].damping * torch.eye(n, dtype=torch.float64), g_probe[part])
     vs = {name: agreement(v, exact) for name, v in (("EK-FAC", ekfac), ("K-FAC", kfac), ("identity", identity))}
-    rho_blockwise = spearman(ekfac, blockwise)
+    return vs, spearman(ekfac, blockwise)
+
+
+def test_ekfac_influence_tracks_the_exact_damped_fisher_inverse(capsys):
+    """EK-FAC vs the exact damped-inverse influence (`exact_check`)."""
+    vs, rho_blockwise = exact_check()
     with capsys.disabled():
         print("\n[exact check] against the exact damped Fisher inverse (200 samples; top 10 % = 20):")
         for name, m in vs.items():
