@@ -57,8 +57,9 @@ def union_scores(scores: pd.DataFrame) -> pd.DataFrame:
 def select_sets(scores: pd.DataFrame, k: int, seeds: list[int], union: bool) -> pd.DataFrame:
     """Rows (set, target, sample_id, rank, score): per target, `<target>:top` and
     `<target>:bottom` (k by score), and per seed `<target>:random-<seed>` (k drawn uniformly from
-    the window) and `<target>:matched-<seed>` (`domain_matched`: the top set's domain mix); the
-    random sets ranked by score for display."""
+    the window) and `<target>:matched-<seed>` (`domain_matched`: the top set's domain mix), both
+    drawn over the window in sample-id order (independent of the scores) and ranked by score for
+    display."""
     groups = {h: g for h, g in scores.groupby("head")}
     if union and len(groups) > 1:
         groups["union"] = union_scores(scores)
@@ -66,10 +67,15 @@ def select_sets(scores: pd.DataFrame, k: int, seeds: list[int], union: bool) -> 
     for target, g in groups.items():
         g = g.sort_values(["score", "sample_id"], ascending=[False, True], ignore_index=True)
         picks = {"top": g.head(k), "bottom": g.tail(k).iloc[::-1]}
+        # Random draws are made over the window in sample-id order, so that they do not depend on
+        # the scores: every estimator (and every probe draw) is compared with the same random sets.
+        by_id = g.sort_values("sample_id", ignore_index=True)
+        by_score = lambda rows: rows.sort_values(["score", "sample_id"], ascending=[False, True])
         for seed in seeds:
             rng = np.random.default_rng([seed, 7])
-            picks[f"random-{seed}"] = g.iloc[np.sort(rng.choice(len(g), size=k, replace=False))]
-            picks[f"matched-{seed}"] = g.iloc[domain_matched(g.domain.to_numpy(), picks["top"].domain, seed)]
+            picks[f"random-{seed}"] = by_score(by_id.iloc[rng.choice(len(by_id), size=k, replace=False)])
+            picks[f"matched-{seed}"] = by_score(by_id.iloc[domain_matched(by_id.domain.to_numpy(),
+                                                                          picks["top"].domain, seed)])
         for name, rows in picks.items():
             parts.append(pd.DataFrame({"set": f"{target}:{name}", "target": target,
                                        "sample_id": rows.sample_id.to_numpy(),

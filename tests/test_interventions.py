@@ -38,6 +38,11 @@ def test_selection_sizes_order_and_seeds():
     assert set(sets[sets.set == "L1H0:bottom"].sample_id) == set(scores.nsmallest(4, "score").sample_id)
     r0, r1 = (set(sets[sets.set == f"L1H0:random-{s}"].sample_id) for s in (0, 1))
     assert r0 != r1
+    # The random sets do not depend on the scores: another estimator's scores, the same random sets.
+    shuffled = scores.assign(score=np.random.default_rng(5).permutation(scores.score.to_numpy()))
+    other = select_sets(shuffled, k=4, seeds=[0, 1], union=True)
+    for s in (0, 1):
+        assert set(other[other.set == f"L1H0:random-{s}"].sample_id) == (r0, r1)[s]
     assert r0 == set(select_sets(scores, 4, [0], False).query("set == 'L1H0:random-0'").sample_id)
     two = select_sets(fake_scores(heads=("L1H0", "L1H1")), k=4, seeds=[0], union=True)
     assert "union:top" in set(two.set)
