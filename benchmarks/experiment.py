@@ -89,6 +89,15 @@ def peak_rss_gib(rusage: Path) -> float | None:
     return round(int(m.group(1)) / 2 ** 20, 3) if m else None
 
 
+def cpu_seconds(rusage: Path) -> float | None:
+    """User + system CPU seconds of the command and everything it ran (`/usr/bin/time -v`)."""
+    if not rusage.is_file():
+        return None
+    text = rusage.read_text()
+    parts = [re.search(rf"{kind} time \(seconds\): ([\d.]+)", text) for kind in ("User", "System")]
+    return round(sum(float(m.group(1)) for m in parts if m), 1) if all(parts) else None
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -172,6 +181,9 @@ def collect(args) -> Path:
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(facts["started"])) if facts["started"] else None,
         "peak_rss_gib": peak_rss_gib(log.with_suffix(".time")),
         "peak_rss_note": "/usr/bin/time -v over the command: the largest single process",
+        "cpu_s": cpu_seconds(log.with_suffix(".time")),
+        "cpu_note": "user + system seconds of the whole command; cpu_s / wall_s near the thread count means the "
+                    "cores were the experiment's, lower means it shared them (other work ran beside it)",
         "cpu_model": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "torch": _torch_version(), "commit": git(cwd, "rev-parse", "HEAD"),
         "code_differs_from_commit": bool(dirty),
@@ -210,7 +222,9 @@ def readme(info: dict, folder: Path, note: str | None) -> str:
               "| | |", "|---|---|",
               f"| command | `{info['command']}` (in a clone at the commit, with `params.yaml` from this folder) |",
               f"| exit code | {info['exit_code']} |",
-              f"| wall time | {info['wall_s']:,.0f} s ({info['wall_s'] / 60:.1f} min) |" if info["wall_s"] else "| wall time | — |",
+              (f"| wall time | {info['wall_s']:,.0f} s ({info['wall_s'] / 60:.1f} min)"
+               + (f"; CPU {info['cpu_s']:,.0f} s ({info['cpu_s'] / info['wall_s']:.2f} cores busy on average)"
+                  if info.get("cpu_s") else "") + " |") if info["wall_s"] else "| wall time | — |",
               f"| peak RSS | {info['peak_rss_gib']} GiB (largest process, `/usr/bin/time -v`)"
               + (f"; largest stage: `{biggest[0]}` {biggest[1]} GiB (MLflow `peak_rss_gib`)" if biggest else "") + " |",
               f"| CPU | {info['cpu_model']}, {info['cpus']} cores; torch {info['torch']}, Python {info['python']} |",

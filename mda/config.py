@@ -259,6 +259,16 @@ class Influence(Section):
     """Samples per gradient shard; a rerun skips complete shards."""
     mode: Literal["cached", "streaming"] = "cached"
     """`cached`: scores read the gradient shards; `streaming`: recompute gradients, no cache."""
+    estimator: Literal["ekfac", "trajectory", "exact"] = "ekfac"
+    """What the scores stage writes to `scores.parquet` (select, retrain, lds and the report read
+    any of them): `ekfac` — EK-FAC at the influence checkpoint (the paper's); `trajectory` — each
+    sample with the EK-FAC factors, probe gradient and its own gradient at the window checkpoint at
+    or before its step (`mda.influence.trajectory`); `exact` — the metagradient d f(θ_end) / d w_z
+    through the replayed window (`mda.influence.metagradient`). The probe draws' overlap and the
+    token split are EK-FAC's and are made with `ekfac` only."""
+    exact_segment: int = Field(50, ge=1)
+    """`exact`: steps per recomputed segment of the reverse pass (memory: one segment's AdamW
+    states, never the trajectory's activations)."""
 
 
 # ----------------------------------------------------------------------------- select / retrain

@@ -12,7 +12,9 @@ from mda.influence.factors import load_factors
 from mda.influence.overlap import draw_agreement, seed_column
 from mda.influence.scoring import (attach_samples, concentration, plot_scores, preconditioned_probe,
                                    scores_from_cache, scores_streaming)
+from mda.influence.metagradient import window_metagradients
 from mda.influence.tokens import token_sets, token_table
+from mda.influence.trajectory import trajectory_scores
 from mda.token_stats import predictable_share, sum_check, target_contributions
 from mda.influence.window import setup
 from mda.interventions import set_size
@@ -26,20 +28,28 @@ FACTORS, GRADIENTS, OUT, METRICS = "data/factors", "data/gradients", "data/score
 def main(params):
     inf, sel = params.influence, params.select
     with stage_run("scores", {"influence": inf, "compute": params.compute,
-                              "select": {"fraction": sel.fraction, "count": sel.count}}) as run:
+                              "select": {"fraction": sel.fraction, "count": sel.count}},
+                   tags={"estimator": inf.estimator}) as run:
         rt = runtime(params.compute)
-        s = setup(inf, CHECKPOINTS, read_targets(TARGETS), rt)
+        targets = read_targets(TARGETS)
+        s = setup(inf, CHECKPOINTS, targets, rt)
         stream = Stream(STREAM)
-        factors = load_factors(FACTORS, s)
-        vectors = preconditioned_probe(inf, s, factors)
-        draws = {seed_column(seed): preconditioned_probe(inf.model_copy(update={"probe_seed": seed}), s, factors)
-                 for seed in dict.fromkeys(inf.overlap_seeds) if seed != inf.probe_seed}
-        raw = scores_from_cache(inf, s, stream, GRADIENTS, vectors, draws=draws) if inf.mode == "cached" \
-            else scores_streaming(inf, s, stream, vectors, draws=draws)
+        draws = {}
+        if inf.estimator == "ekfac":
+            factors = load_factors(FACTORS, s)
+            vectors = preconditioned_probe(inf, s, factors)
+            draws = {seed_column(seed): preconditioned_probe(inf.model_copy(update={"probe_seed": seed}), s, factors)
+                     for seed in dict.fromkeys(inf.overlap_seeds) if seed != inf.probe_seed}
+            raw = scores_from_cache(inf, s, stream, GRADIENTS, vectors, draws=draws) if inf.mode == "cached" \
+                else scores_streaming(inf, s, stream, vectors, draws=draws)
+        elif inf.estimator == "trajectory":
+            raw = trajectory_scores(inf, CHECKPOINTS, targets, stream, rt)
+        else:
+            raw = window_metagradients(params, CHECKPOINTS, targets, stream, s)
         if not rt.is_main:
             return
         scores = attach_samples(raw[["sample_id", "head", "score"]], stream, s, s.probe)
-        metrics = {"probe": s.probe, "mode": inf.mode, "influence_step": s.step,
+        metrics = {"estimator": inf.estimator, "probe": s.probe, "mode": inf.mode, "influence_step": s.step,
                    "window": list(s.window), "heads": {}, "probe_draws": {}}
         for head, group in scores.groupby("head"):
             metrics["heads"][head] = concentration(group.score)
@@ -49,7 +59,7 @@ def main(params):
                 k = set_size(len(group), sel.fraction, sel.count)
                 metrics["probe_draws"][head] = draw_agreement(group, draw_labels, k)
         tokens = None
-        if inf.token_samples:
+        if inf.token_samples and inf.estimator == "ekfac":
             tokens = token_table(inf, s, stream, token_sets(scores, inf.token_samples), vectors)
             metrics["tokens"] = token_metrics(tokens, scores, inf.token_samples)
         with atomic_dir(OUT) as tmp:

@@ -6,7 +6,7 @@ change that alters results:
   the stage (the file or a folder above it);
 - params: every key a stage reads — recorded while the stages really run (`MDA_RECORD_PARAMS`,
   see `mda.cli`) on the quick preset and on the other sources (Pythia `.bin/.idx`, local
-  files, hub checkpoints) and modes (streaming scores) — is listed (the key or a section
+  files, hub checkpoints), modes (streaming scores) and estimators — is listed (the key or a section
   above it), and every listed entry is read by the stage in at least one of those runs.
 """
 
@@ -80,7 +80,9 @@ def params_read(quick_repo, tmp_path_factory):
     # Streaming scores and projected gradients (other code paths of the influence stages and
     # of `lds`, which reuses the quick run's retrained subsets).
     for name, change, stages in (("streaming", {"mode": "streaming"}, ("scores", "lds")),
-                                 ("projected", {"projection": 4}, ("factors", "gradients", "scores", "lds"))):
+                                 ("projected", {"projection": 4}, ("factors", "gradients", "scores", "lds")),
+                                 ("trajectory", {"estimator": "trajectory"}, ("scores",)),
+                                 ("exact", {"estimator": "exact"}, ("scores",))):
         repo = tmp_path_factory.mktemp(name) / "repo"
         shutil.copytree(quick_repo, repo, symlinks=True)
         set_params(repo, {"influence": change})
