@@ -2,7 +2,7 @@
 
 What. For the first target head h of a finished run, at its influence checkpoint, both libraries
 score N window samples, score(z) = −⟨∇θₕ L(z), (F + λ)⁻¹ ∇θₕ f⟩ over h's blocks qk, v, o
-(`mda.heads`), with EK-FAC fitted on the same factor rows (`factor_subset`), the true Fisher, damping
+(`mda.model.heads`), with EK-FAC fitted on the same factor rows (`factor_subset`), the true Fisher, damping
 λ = α·mean(Λ) per block (bergson: InversionConfig("damped_inverse", α); its mean runs over the
 module's eigenvalue grid, hessians/preconditioner.py FactoredPreconditioner._scale) and L(z) the
 summed next-token CE (IndexConfig(loss_reduction="sum")). mda's side is recomputed in-process with
@@ -21,7 +21,7 @@ are checked to match.
 
 Labels. bergson samples Fisher labels with torch.multinomial, anew in each of its two passes
 (collector.py fwd_bwd_hessian_factory); mda by inverse CDF from a seeded generator, the same draws in
-both passes (mda.lm.sampled_sequence_losses). So bergson runs `native` (its own draws; read it against
+both passes (mda.model.losses.sampled_sequence_losses). So bergson runs `native` (its own draws; read it against
 `mda_vs_mda_other_label_seed`, mda with label_seed + 1, the sampling-noise floor) and `shared_labels`
 (mda's draws, recorded during its fit, given to bergson as dataset labels), where only the two
 implementations can differ.
@@ -115,7 +115,7 @@ class SplitDense(nn.Module):
 
 def split_model(model, head, blocks: list[str]):
     """A copy of `model` with one Linear per block in the head's layer; block → its name under base_model."""
-    from mda.heads import block_rows
+    from mda.model.heads import block_rows
 
     split = copy.deepcopy(model)
     att, cfg = split.gpt_neox.layers[head.layer].attention, split.config
@@ -129,23 +129,23 @@ def split_model(model, head, blocks: list[str]):
 # ----------------------------------------------------------------------------- the two sides
 def mda_side(inf, s, factor_source, train_rows: torch.Tensor) -> dict:
     """mda's scores from its own functions; also its label draws (for `shared_labels`) and pieces."""
-    import mda.lm
-    from mda.influence.ekfac import fit_ekfac
-    from mda.influence.scoring import preconditioned_probe, stored_gradients
+    import mda.model.losses
+    from mda.attribute.ekfac import fit_ekfac
+    from mda.attribute.scoring import preconditioned_probe, stored_gradients
 
-    began, draws, sample = time.perf_counter(), [], mda.lm._sample
+    began, draws, sample = time.perf_counter(), [], mda.model.losses._sample
 
     def recording(logits, generator):
         out = sample(logits, generator)
         draws.append(out.cpu())
         return out
 
-    mda.lm._sample = recording  # sampled_sequence_losses looks `_sample` up in mda.lm
+    mda.model.losses._sample = recording  # sampled_sequence_losses looks `_sample` up in mda.model.losses
     try:
         factors = fit_ekfac(s.model, factor_source, s.all_blocks, fisher=inf.fisher, alpha=inf.damping,
                             seed=inf.label_seed, where=s.where, rt=s.rt)
     finally:
-        mda.lm._sample = sample
+        mda.model.losses._sample = sample
     vectors = preconditioned_probe(inf, s, factors)
     parts = [stored_gradients(inf, s, ids) for ids in train_rows.split(inf.batch_size)]
     grads = {b.name: np.concatenate([p[b.name] for p in parts]) for b in s.all_blocks}
@@ -172,7 +172,7 @@ def bergson_side(model, head, blocks, probe, probe_tokens, factor_rows, train_ro
     from bergson.config import HessianConfig, InversionConfig
     from bergson.hessians.hessian_approximations import fit_factored_hessians
     from bergson.hessians.preconditioner import FactoredPreconditioner
-    from mda.influence.probes import PROBES
+    from mda.attribute.probes import PROBES
 
     began = time.perf_counter()
     split, names = split_model(model, head, blocks)
@@ -223,9 +223,9 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def compare(inf, s, factor_source, factor_rows, train_rows, modes: list[str], workdir: Path) -> dict:
-    from mda.influence.probes import probe_gradient
-    from mda.locate import probe_tokens
-    from mda.config import ProbeSettings
+    from mda.attribute.probes import probe_gradient
+    from mda.units.locate import probe_tokens
+    from mda.core.config import ProbeSettings
 
     head, blocks = s.heads[0], [b.name.split("/")[1] for b in s.all_blocks]
     tokens = probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
@@ -288,16 +288,16 @@ def selftest(args) -> dict:
     """Both sides on a tiny random GPT-NeoX (no run directory)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from mda.compute import Runtime
-    from mda.config import Influence
-    from mda.heads import Head, head_blocks
-    from mda.influence.ekfac import TensorBatches
-    from mda.influence.window import Setup
+    from mda.core.compute import Runtime
+    from mda.core.config import Influence
+    from mda.model.heads import Head, head_blocks
+    from mda.attribute.ekfac import TensorBatches
+    from mda.attribute.window import Setup
 
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=False)
-    config._attn_implementation = "eager"  # as mda.model.load_model
+    config._attn_implementation = "eager"  # as mda.model.neox.load_model
     model = GPTNeoXForCausalLM(config).eval()
     with torch.no_grad():  # peaked attention rather than near-uniform init
         for layer in model.gpt_neox.layers:
@@ -331,13 +331,13 @@ def window_rows(stream, first: int, last: int, n: int) -> tuple[np.ndarray, torc
 
 
 def run_check(args) -> dict:
-    from mda.compute import Runtime
-    from mda.config import load_params
+    from mda.core.compute import Runtime
+    from mda.core.config import load_params
     from mda.data.stream import Stream
-    from mda.errors import MdaError
-    from mda.influence.factors import WindowSource, factor_subset
-    from mda.influence.window import setup
-    from mda.io import read_targets
+    from mda.core.errors import MdaError
+    from mda.attribute.factors import WindowSource, factor_subset
+    from mda.attribute.window import setup
+    from mda.core.io import read_targets
 
     run = Path(args.run)
     for rel_path in ("params.yaml", "data/checkpoints", "data/corpus/stream", "data/locate/targets.json"):

@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mda.config import Corpus  # noqa: E402
+from mda.core.config import Corpus  # noqa: E402
 from mda.data.classify import (CLASSES, VERSION, Features, classify_texts, features,  # noqa: E402
                                 infer_domains)
 from mda.data.synthetic import NEWLINE, build_vocabulary, generate_rows  # noqa: E402

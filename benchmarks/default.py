@@ -77,7 +77,7 @@ QUICK_SETTINGS = ("unset (libgomp default)", "OMP_WAIT_POLICY=PASSIVE", "GOMP_SP
 
 # ----------------------------------------------------------------------------- the default model
 def default_params():
-    from mda.config import load_params
+    from mda.core.config import load_params
 
     return load_params(ROOT / "params.yaml")
 
@@ -90,8 +90,8 @@ def vocab_size() -> int:
 
 
 def default_trainer(params, vocab: int, **kwargs):
-    from mda.model import neox_config, new_model
-    from mda.train import Trainer
+    from mda.model.neox import neox_config, new_model
+    from mda.train.loop import Trainer
 
     model = new_model(neox_config(params.model, vocab), params.model.init_seed)
     return Trainer(model, params.pretrain, total_steps=params.corpus.steps, **kwargs)
@@ -117,7 +117,7 @@ def worker(args) -> None:
     """One setting, one fresh process: ms per default training step (printed as JSON)."""
     import torch  # first: libgomp reads OMP_WAIT_POLICY/GOMP_SPINCOUNT when torch loads it
 
-    from mda.train import deterministic  # `import mda` now only fills OMP_WAIT_POLICY in for children
+    from mda.train.loop import deterministic  # `import mda` now only fills OMP_WAIT_POLICY in for children
 
     seen = {k: os.environ.get(k) for k in OMP_VARS}
     torch.set_num_threads(args.threads)
@@ -315,7 +315,7 @@ def profile_data(params, vocab: int, steps: int) -> dict:
     import torch
 
     from mda.data.stream import Stream, StreamWriter, stream_table
-    from mda.interventions import StreamEdit
+    from mda.intervene.edits import StreamEdit
 
     n = steps + params.corpus.batch_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,17 +333,17 @@ def profile_data(params, vocab: int, steps: int) -> dict:
 
 
 def profile_evaluation(params, vocab: int, reps: int) -> dict:
-    """One retraining evaluation as `mda.retrain.run_arm` makes it: `checkpoint_metrics` for the
+    """One retraining evaluation as `mda.intervene.retrain.run_arm` makes it: `checkpoint_metrics` for the
     first seed with the held-out rows, for the others without; then the resume-point save."""
     import pandas as pd
     import torch
 
-    from mda.io import atomic_dir, write_json
-    from mda.lm import token_losses
-    from mda.locate import HELDOUT_ROWS_PER_FORWARD, checkpoint_metrics
-    from mda.model import TRAINER_STATE, save_model
-    from mda.retrain import eval_probes
-    from mda.units import attention_patterns
+    from mda.core.io import atomic_dir, write_json
+    from mda.model.losses import token_losses
+    from mda.units.locate import HELDOUT_ROWS_PER_FORWARD, checkpoint_metrics
+    from mda.model.neox import TRAINER_STATE, save_model
+    from mda.intervene.retrain import eval_probes
+    from mda.units.metrics import attention_patterns
 
     trainer = default_trainer(params, vocab)
     model = trainer.model.eval()
@@ -402,9 +402,9 @@ def profile_checkpoint(params, vocab: int, reps: int) -> dict:
     """One pretraining checkpoint: induction scores on the probe + model, trainer state, log."""
     import torch
 
-    from mda.io import atomic_dir, write_json
-    from mda.model import TRAINER_STATE, save_model
-    from mda.pretrain import induction_probe_tokens, induction_scores
+    from mda.core.io import atomic_dir, write_json
+    from mda.model.neox import TRAINER_STATE, save_model
+    from mda.train.pretrain import induction_probe_tokens, induction_scores
 
     trainer = default_trainer(params, vocab)
     probe = induction_probe_tokens(params, vocab, (0, 1))
@@ -426,15 +426,15 @@ def profile_checkpoint(params, vocab: int, reps: int) -> dict:
 
 def startup(reps: int) -> dict:
     """Wall and CPU seconds of starting Python with what a stage imports, and of a stage launch
-    that stops at its argument check (`python -m mda.launch 1 stages.retrain <no such arm>`)."""
+    that stops at its argument check (`python -m mda.core.launch 1 stages.retrain <no such arm>`)."""
     commands = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "import torch": [sys.executable, "-c", "import torch"],
-        "import mda.train": [sys.executable, "-c", "import mda.train"],
-        "import mda.model (transformers)": [sys.executable, "-c", "import mda.model"],
+        "import mda.train.loop": [sys.executable, "-c", "import mda.train.loop"],
+        "import mda.model.neox (transformers)": [sys.executable, "-c", "import mda.model.neox"],
         "import stages.retrain": [sys.executable, "-c", "import stages.retrain"],
         "import mlflow (at the stage's MLflow run)": [sys.executable, "-c", "import mlflow"],
-        "no-op stage launch": [sys.executable, "-m", "mda.launch", "1", "stages.retrain", "no-such-arm"],
+        "no-op stage launch": [sys.executable, "-m", "mda.core.launch", "1", "stages.retrain", "no-such-arm"],
     }
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = {}
@@ -476,7 +476,7 @@ def paired(fns: dict, reps: int) -> dict:
 def profile(params, vocab: int, quick: bool) -> dict:
     import torch
 
-    from mda.train import deterministic
+    from mda.train.loop import deterministic
 
     torch.set_num_threads(params.compute.threads)
     deterministic("cpu")
@@ -583,7 +583,7 @@ def lever_optimizer(params, vocab: int, steps: int) -> dict:
     side by side on the same batches; with the optimizer and clipping phases of each step."""
     import torch
 
-    from mda.train import lr_factor
+    from mda.train.loop import lr_factor
 
     variants = {"loops (foreach=False, before)": default_trainer(params, vocab, foreach=False),
                 "foreach (now)": default_trainer(params, vocab),
@@ -601,9 +601,9 @@ def lever_probe_batch(params, vocab: int, reps: int) -> dict:
     import numpy as np
     import torch
 
-    from mda.locate import checkpoint_metrics
-    from mda.retrain import eval_probes
-    from mda.units import ATTENTION_METRICS, attention_patterns
+    from mda.units.locate import checkpoint_metrics
+    from mda.intervene.retrain import eval_probes
+    from mda.units.metrics import ATTENTION_METRICS, attention_patterns
 
     model = default_trainer(params, vocab).model.eval()
     probes = eval_probes(params, model.config, vocab, list(params.retrain.seeds))
@@ -630,10 +630,10 @@ def lever_probe_batch(params, vocab: int, reps: int) -> dict:
 
 def lever_heldout_chunks(params, vocab: int, reps: int) -> dict:
     """Held-out token losses in one forward (locate.max_sequences = 1024 > 256 rows: before) vs
-    chunks (16: now, `mda.locate.HELDOUT_ROWS_PER_FORWARD`)."""
+    chunks (16: now, `mda.units.locate.HELDOUT_ROWS_PER_FORWARD`)."""
     import torch
 
-    from mda.lm import token_losses
+    from mda.model.losses import token_losses
 
     model = default_trainer(params, vocab).model.eval()
     heldout = random_rows(params, vocab, params.locate.heldout_rows, 3)
@@ -740,7 +740,7 @@ def lever_determinism(params, vocab: int, steps: int) -> dict:
 def levers(params, vocab: int, quick: bool, compile_: bool) -> dict:
     import torch
 
-    from mda.train import deterministic
+    from mda.train.loop import deterministic
 
     torch.set_num_threads(params.compute.threads)
     deterministic("cpu")
@@ -859,7 +859,7 @@ def repro(args) -> None:
 def compose(prof: dict, fl: dict, params, retrain_steps: int) -> dict:
     """Seconds of the default `checkpoints` and `retrain` stages (all arms) composed from the
     profile's unit costs; the floor per stage at the same step counts."""
-    from mda.train import pythia_save_steps
+    from mda.train.loop import pythia_save_steps
 
     step = {k: v for k, v in prof["training_step"]["ms"].items() if k != "step (sum of medians)"}
     data = prof["data_reading"]["ms_per_step"]

@@ -5,11 +5,11 @@
 
 `cost`: each phase in its own process, one after another in one run (same-run ratios), timing its
 work only (after imports and loading) and reading its own peak RSS:
-- `retrain` — one retraining of the formation window (`mda.retrain.train_edit`, no edit): the unit
+- `retrain` — one retraining of the formation window (`mda.intervene.retrain.train_edit`, no edit): the unit
   the exact estimator is measured in (MAGIC reports 2-3 of them per query; the goal here is ≤ 4);
-- `exact` — the metagradient of every window sample (`mda.influence.metagradient`);
+- `exact` — the metagradient of every window sample (`mda.attribute.metagradient`);
 - `ekfac` — the paper's estimator: factors, gradient cache, scores (`mda.influence.*`);
-- `trajectory` — EK-FAC at each window checkpoint (`mda.influence.trajectory`).
+- `trajectory` — EK-FAC at each window checkpoint (`mda.attribute.trajectory`).
 
 `fd`: the exact estimator against real retraining on the full window: for the samples with the
 highest and lowest metagradient and one at the median, the window retrained with the sample's
@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def _context(run: Path):
     import torch
 
-    from mda.compute import runtime
-    from mda.config import load_params
+    from mda.core.compute import runtime
+    from mda.core.config import load_params
     from mda.data.stream import Stream
-    from mda.io import read_targets
-    from mda.train import deterministic
+    from mda.core.io import read_targets
+    from mda.train.loop import deterministic
 
     params = load_params(run / "params.yaml")
     torch.set_num_threads(params.compute.threads)
@@ -55,13 +55,13 @@ def phase(name: str, run: Path, out: Path) -> None:
     window = (int(targets["window"]["start"]), int(targets["window"]["end"]))
     extra = {}
     if name == "retrain":
-        from mda.interventions import StreamEdit
-        from mda.retrain import train_edit
+        from mda.intervene.edits import StreamEdit
+        from mda.intervene.retrain import train_edit
         began = time.perf_counter()
         train_edit(params, checkpoints, stream, window, StreamEdit(summary={"rule": "no change"}), rt)
     elif name == "exact":
-        from mda.influence.metagradient import window_metagradients
-        from mda.influence.window import setup
+        from mda.attribute.metagradient import window_metagradients
+        from mda.attribute.window import setup
         s = setup(params.influence, checkpoints, targets, rt)
         began = time.perf_counter()
         scores = window_metagradients(params, checkpoints, targets, stream, s)
@@ -69,10 +69,10 @@ def phase(name: str, run: Path, out: Path) -> None:
     elif name == "ekfac":
         import tempfile
 
-        from mda.influence.factors import fit_factors, load_factors
-        from mda.influence.gradients import cache_gradients
-        from mda.influence.scoring import preconditioned_probe, scores_from_cache
-        from mda.influence.window import setup
+        from mda.attribute.factors import fit_factors, load_factors
+        from mda.attribute.gradient_cache import cache_gradients
+        from mda.attribute.scoring import preconditioned_probe, scores_from_cache
+        from mda.attribute.window import setup
         inf = params.influence
         s = setup(inf, checkpoints, targets, rt)
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +83,7 @@ def phase(name: str, run: Path, out: Path) -> None:
                                        preconditioned_probe(inf, s, load_factors(Path(tmp) / "factors", s)))
         extra["samples"] = int(len(scores))
     elif name == "trajectory":
-        from mda.influence.trajectory import trajectory_scores
+        from mda.attribute.trajectory import trajectory_scores
         began = time.perf_counter()
         scores = trajectory_scores(params.influence, checkpoints, targets, stream, rt)
         extra["samples"], extra["checkpoints"] = int(len(scores)), sorted(int(c) for c in scores.checkpoint.unique())
@@ -124,12 +124,12 @@ def fd(args) -> None:
     import pandas as pd
     import torch
 
-    from mda.config import ProbeSettings
-    from mda.heads import Head
-    from mda.influence.probes import PROBES
-    from mda.interventions import StreamEdit
-    from mda.locate import probe_tokens
-    from mda.retrain import train_edit
+    from mda.core.config import ProbeSettings
+    from mda.model.heads import Head
+    from mda.attribute.probes import PROBES
+    from mda.intervene.edits import StreamEdit
+    from mda.units.locate import probe_tokens
+    from mda.intervene.retrain import train_edit
 
     run = Path(args.run).resolve()
     params, targets, stream, rt = _context(run)

@@ -34,7 +34,7 @@ Phases, each in its own subprocess (so its peak RSS is its own; each child repor
   of the window, stride = ceil(window samples / influence.factor_samples)) — the headline;
   variant "window": factors fitted on the whole window (kronfluence's usual workflow).
   To avoid handicapping it, kronfluence's true-Fisher labels come from the very sampler ours
-  uses (`mda.influence.grads.sequence_losses(..., labels="sampled")`, inverse CDF): with
+  uses (`mda.attribute.capture.sequence_losses(..., labels="sampled")`, inverse CDF): with
   `torch.multinomial` kronfluence measured 4.6x slower (shared/ANCHORS.md). Damping is its
   heuristic 0.1 * mean(Lambda) (`damping_factor=None`; ours: influence.damping * mean); the
   model is float32 on both sides (the production dtype), kronfluence's factor/score dtypes
@@ -100,11 +100,11 @@ class Child:
         sys.path.insert(0, str(ROOT))
         import torch
 
-        from mda.compute import runtime
-        from mda.config import Compute, load_params
+        from mda.core.compute import runtime
+        from mda.core.config import Compute, load_params
         from mda.data.stream import Stream
-        from mda.influence.window import setup
-        from mda.io import read_targets
+        from mda.attribute.window import setup
+        from mda.core.io import read_targets
 
         self.torch = torch
         self.args = args
@@ -128,14 +128,14 @@ class Child:
         self.stride = 1 if not fs else max(1, math.ceil(self.samples / fs))
 
     def ids(self, stride: int = 1):
-        from mda.influence.window import WindowBatches
+        from mda.attribute.window import WindowBatches
 
         batches = WindowBatches(self.first, self.last, self.inf.batch_size, self.stream.batch_size, stride)
         return self.torch.cat([ids for _, ids, _ in batches.read(self.stream)])
 
     def probe_tokens(self):
-        from mda.config import ProbeSettings
-        from mda.locate import probe_tokens
+        from mda.core.config import ProbeSettings
+        from mda.units.locate import probe_tokens
 
         inf = self.inf
         return probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
@@ -143,8 +143,8 @@ class Child:
 
 
 def phase_plain(c: Child) -> dict:
-    from mda.influence.grads import sequence_losses
-    from mda.influence.window import WindowBatches
+    from mda.attribute.capture import sequence_losses
+    from mda.attribute.window import WindowBatches
 
     model = c.s.model
     model.train()  # as in training (dropout is 0: same cost as eval)
@@ -159,7 +159,7 @@ def phase_plain(c: Child) -> dict:
 
 
 def phase_ours_factors(c: Child) -> dict:
-    from mda.influence.factors import fit_factors
+    from mda.attribute.factors import fit_factors
 
     out = c.work / "factors"
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def phase_ours_factors(c: Child) -> dict:
 
 
 def phase_ours_gradients(c: Child) -> dict:
-    from mda.influence.gradients import cache_gradients
+    from mda.attribute.gradient_cache import cache_gradients
 
     manifest, _ = cache_gradients(c.inf, c.s, c.stream, c.work / "gradients")
     size = sum(f.stat().st_size for f in (c.work / "gradients").glob("shard-*.parquet"))
@@ -185,8 +185,8 @@ def _save_scores(c: Child, raw, name: str) -> None:
 
 
 def phase_ours_scores(c: Child) -> dict:
-    from mda.influence.factors import load_factors
-    from mda.influence.scoring import preconditioned_probe, scores_from_cache
+    from mda.attribute.factors import load_factors
+    from mda.attribute.scoring import preconditioned_probe, scores_from_cache
 
     vectors = preconditioned_probe(c.inf, c.s, load_factors(c.work / "factors", c.s))
     raw = scores_from_cache(c.inf, c.s, c.stream, c.work / "gradients", vectors)
@@ -194,8 +194,8 @@ def phase_ours_scores(c: Child) -> dict:
 
 
 def phase_ours_streaming(c: Child) -> dict:
-    from mda.influence.factors import load_factors
-    from mda.influence.scoring import preconditioned_probe, scores_streaming
+    from mda.attribute.factors import load_factors
+    from mda.attribute.scoring import preconditioned_probe, scores_streaming
 
     vectors = preconditioned_probe(c.inf, c.s, load_factors(c.work / "factors", c.s))
     raw = scores_streaming(c.inf, c.s, c.stream, vectors)
@@ -209,8 +209,8 @@ def _kronfluence(c: Child):
     from kronfluence.analyzer import prepare_model
     from kronfluence.task import Task
 
-    from mda.influence.grads import sequence_losses
-    from mda.influence.probes import PROBES
+    from mda.attribute.capture import sequence_losses
+    from mda.attribute.probes import PROBES
 
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     head = c.s.heads[0]
@@ -539,7 +539,7 @@ def report(args, phases: dict, load_before=None, load_after=None) -> None:
               f"{phases['ours_streaming']['max_rel_diff_vs_cached']:.1e}")
     if kron:
         print("\nFairness: kronfluence samples its true-Fisher labels with our inverse-CDF sampler "
-              "(mda.influence.grads.sequence_losses), not torch.multinomial (4.6x slower in "
+              "(mda.attribute.capture.sequence_losses), not torch.multinomial (4.6x slower in "
               "shared/ANCHORS.md); its datasets are built in memory before its clock starts. It tracks "
               "the whole query_key_value + dense of the head's layer, every head's rows/columns and the "
               "biases included, where ours covers only the head's qk/v/o weight blocks.")

@@ -5,7 +5,7 @@ K = 19 random sets (or any runs collected by `benchmarks/experiment.py`).
 
 Reads each results folder's `run.json`: the largest process of the whole command (`/usr/bin/time
 -v`) and, per MLflow run, the stage process's own peak RSS (`peak_rss_gib`, logged by
-`mda.tracking.stage_run` from `getrusage`). Goal: ≤ 3 GiB whatever K is.
+`mda.core.tracking.stage_run` from `getrusage`). Goal: ≤ 3 GiB whatever K is.
 """
 
 from __future__ import annotations

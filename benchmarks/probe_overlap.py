@@ -45,14 +45,14 @@ def main(argv=None) -> dict:
     import torch
     import yaml
 
-    from mda.compute import runtime
-    from mda.config import Compute, load_params
-    from mda.influence.ekfac import BlockFactors
-    from mda.influence.overlap import draw_agreement
-    from mda.influence.scoring import preconditioned_probe, probe_columns, shard_scores
-    from mda.influence.window import setup
-    from mda.interventions import set_size
-    from mda.io import read_json, read_targets
+    from mda.core.compute import runtime
+    from mda.core.config import Compute, load_params
+    from mda.attribute.ekfac import BlockFactors
+    from mda.attribute.overlap import draw_agreement
+    from mda.attribute.scoring import preconditioned_probe, probe_columns, shard_scores
+    from mda.attribute.window import setup
+    from mda.intervene.edits import set_size
+    from mda.core.io import read_json, read_targets
 
     started = time.perf_counter()
     data = Path(args.data)

@@ -50,8 +50,8 @@ BERGSON_160M_TOKENS_PER_S = 38_000
 def build(size: str, rt):
     import torch
 
-    from mda.config import Model
-    from mda.model import neox_config, new_model
+    from mda.core.config import Model
+    from mda.model.neox import neox_config, new_model
 
     layers, d, heads, mlp = SHAPES[size]
     model = new_model(neox_config(Model(layers=layers, hidden_size=d, heads=heads, intermediate_size=mlp,
@@ -90,11 +90,11 @@ def bench_gradients(size: str, rt, batch: int, repeats: int) -> dict:
     truncated at its layer) dotted with a preconditioned probe vector, per batch of rows."""
     import torch
 
-    from mda.config import Influence
-    from mda.heads import Head, head_blocks
-    from mda.influence.gradients import grad_shape
-    from mda.influence.scoring import score_batch
-    from mda.influence.window import Setup
+    from mda.core.config import Influence
+    from mda.model.heads import Head, head_blocks
+    from mda.attribute.gradient_cache import grad_shape
+    from mda.attribute.scoring import score_batch
+    from mda.attribute.window import Setup
 
     model = build(size, rt)
     head = Head(*HEADS[size])
@@ -113,8 +113,8 @@ def bench_gradients(size: str, rt, batch: int, repeats: int) -> dict:
 def bench_training(size: str, rt, batch: int, repeats: int) -> dict:
     """Training steps (forward + backward of every parameter, AdamW) on `batch` rows per step,
     `rt.micro_batch` rows per forward, split over the ranks."""
-    from mda.config import Pretrain
-    from mda.train import Trainer
+    from mda.core.config import Pretrain
+    from mda.train.loop import Trainer
 
     trainer = Trainer(build(size, rt), Pretrain(warmup_steps=10), total_steps=1000, rt=rt)
     ids = rows(batch, 0)
@@ -128,8 +128,8 @@ def measure(args) -> dict:
     """This process's (rank's) measurements; ranks' results are gathered on every rank."""
     import torch
 
-    from mda.compute import runtime
-    from mda.config import Compute
+    from mda.core.compute import runtime
+    from mda.core.config import Compute
 
     compute = Compute(device=args.device, dtype=args.dtype, micro_batch=args.micro_batch,
                       procs=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), threads=args.threads)

@@ -29,8 +29,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mda.compute import runtime
-    from mda.config import Compute, SmdaSft
+    from mda.core.compute import runtime
+    from mda.core.config import Compute, SmdaSft
     from mda.smda.influence import SgdProbe
     from mda.smda.lm import LM, hidden_and_logprob
     from mda.smda.sft import fine_tune

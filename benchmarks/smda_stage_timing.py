@@ -22,19 +22,19 @@ START = time.perf_counter()
 
 @contextmanager
 def no_tracking(*args, **kwargs):
-    from mda.tracking import NullRun
+    from mda.core.tracking import NullRun
 
     yield NullRun()
 
 
 def main() -> None:
-    import mda.tracking
+    import mda.core.tracking
 
-    mda.tracking.stage_run = no_tracking  # before the stage module imports it
+    mda.core.tracking.stage_run = no_tracking  # before the stage module imports it
     stage, args = sys.argv[1], sys.argv[2:]
     module = importlib.import_module(f"stages.{stage}")
     sys.argv = [stage, *args]
-    from mda.cli import run_stage
+    from mda.core.cli import run_stage
 
     code = 0
     try:

@@ -1,5 +1,5 @@
 """Token-level attribution on a finished run, before the pipeline reruns: the scores stage's token
-split (`mda.influence.tokens`) for the top and random samples of the window, with this
+split (`mda.attribute.tokens`) for the top and random samples of the window, with this
 repository's influence settings (e.g. the new default `influence.probe_sequences`), on a run
 whose gradient cache predates the shards' identity metadata.
 
@@ -33,14 +33,14 @@ def main(argv=None) -> dict:
 
     import pandas as pd
 
-    from mda.compute import runtime
-    from mda.config import Compute, load_params
+    from mda.core.compute import runtime
+    from mda.core.config import Compute, load_params
     from mda.data.stream import Stream
-    from mda.influence.ekfac import BlockFactors
-    from mda.influence.scoring import attach_samples, preconditioned_probe, probe_columns, shard_scores
-    from mda.influence.tokens import token_sets, token_table
-    from mda.influence.window import setup
-    from mda.io import read_json, read_targets
+    from mda.attribute.ekfac import BlockFactors
+    from mda.attribute.scoring import attach_samples, preconditioned_probe, probe_columns, shard_scores
+    from mda.attribute.tokens import token_sets, token_table
+    from mda.attribute.window import setup
+    from mda.core.io import read_json, read_targets
     from stages.scores import token_metrics
 
     started = time.perf_counter()

@@ -1,1 +1,1 @@
-"""DVC stage entry points: `python -m stages.<name>` (or through `python -m mda.launch`)."""
+"""DVC stage entry points: `python -m stages.<name>` (or through `python -m mda.core.launch`)."""

@@ -2,19 +2,19 @@
 
 The output persists across runs (`persist: true` in dvc.yaml): a run that was stopped resumes
 from its last complete checkpoint; checkpoints of another run (other params, corpus or code)
-are discarded first (`mda.pretrain.open_run`).
+are discarded first (`mda.train.pretrain.open_run`).
 """
 
 from pathlib import Path
 
 import pandas as pd
 
-from mda.cli import run_stage
-from mda.compute import runtime
-from mda.io import atomic_file, write_json
-from mda.model import download_hub_checkpoints
-from mda.pretrain import checkpoint_induction_scores, hub_identity, open_run, pretrain
-from mda.tracking import stage_run
+from mda.core.cli import run_stage
+from mda.core.compute import runtime
+from mda.core.io import atomic_file, write_json
+from mda.model.neox import download_hub_checkpoints
+from mda.train.pretrain import checkpoint_induction_scores, hub_identity, open_run, pretrain
+from mda.core.tracking import stage_run
 
 CORPUS = "data/corpus"
 OUT = "data/checkpoints"

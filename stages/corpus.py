@@ -1,9 +1,9 @@
 """DVC stage `corpus`: the training stream, tokenizer and meta under data/corpus/."""
 
-from mda.cli import run_stage
+from mda.core.cli import run_stage
 from mda.data.corpus import build_corpus
-from mda.io import atomic_dir
-from mda.tracking import stage_run
+from mda.core.io import atomic_dir
+from mda.core.tracking import stage_run
 
 OUT = "data/corpus"
 

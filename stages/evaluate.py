@@ -7,13 +7,13 @@ never filled in); the baseline run is required.
 import pandas as pd
 import pyarrow as pa
 
-from mda.cli import run_stage
+from mda.core.cli import run_stage
 from mda.data.stream import Stream
-from mda.errors import MdaError
-from mda.evaluate import TABLES, evaluate, headline_metrics, json_ready
-from mda.io import atomic_dir, atomic_file, read_targets, write_json, write_parquet
-from mda.tracking import flatten, stage_run
-from mda.verdicts import verdicts
+from mda.core.errors import MdaError
+from mda.evaluate.effects import TABLES, evaluate, headline_metrics, json_ready
+from mda.core.io import atomic_dir, atomic_file, read_targets, write_json, write_parquet
+from mda.core.tracking import flatten, stage_run
+from mda.evaluate.verdicts import verdicts
 
 RETRAIN, TARGETS, OUT = "data/retrain", "data/locate/targets.json", "data/evaluate"
 SETS, SCORES = "data/select/sets.parquet", "data/scores/scores.parquet"

@@ -1,12 +1,12 @@
 """DVC stage `factors`: EK-FAC curvature of each target head's blocks → data/factors/<head>/<block>.safetensors."""
 
-from mda.cli import run_stage
-from mda.compute import runtime
+from mda.core.cli import run_stage
+from mda.core.compute import runtime
 from mda.data.stream import Stream
-from mda.influence.factors import fit_factors
-from mda.influence.window import setup
-from mda.io import atomic_dir, read_targets, write_json
-from mda.tracking import stage_run
+from mda.attribute.factors import fit_factors
+from mda.attribute.window import setup
+from mda.core.io import atomic_dir, read_targets, write_json
+from mda.core.tracking import stage_run
 
 CHECKPOINTS, STREAM, TARGETS = "data/checkpoints", "data/corpus/stream", "data/locate/targets.json"
 OUT = "data/factors"

@@ -2,13 +2,13 @@
 window → data/gradients/shard-*.parquet + manifest.json (resumable: complete shards made from
 the same inputs are kept; each rank of a distributed run writes its own shards)."""
 
-from mda.cli import run_stage
-from mda.compute import runtime
+from mda.core.cli import run_stage
+from mda.core.compute import runtime
 from mda.data.stream import Stream
-from mda.influence.gradients import cache_gradients
-from mda.influence.window import setup
-from mda.io import read_targets
-from mda.tracking import stage_run
+from mda.attribute.gradient_cache import cache_gradients
+from mda.attribute.window import setup
+from mda.core.io import read_targets
+from mda.core.tracking import stage_run
 
 CHECKPOINTS, STREAM, TARGETS = "data/checkpoints", "data/corpus/stream", "data/locate/targets.json"
 OUT = "data/gradients"

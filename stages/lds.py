@@ -1,4 +1,4 @@
-"""DVC stage `lds`: the linear datamodeling score of the influence scores (`mda.lds`) for EK-FAC,
+"""DVC stage `lds`: the linear datamodeling score of the influence scores (`mda.evaluate.lds`) for EK-FAC,
 K-FAC and plain gradient dot products → data/lds/ (subsets.parquet, per_subset.parquet,
 scores.parquet, summary.json, lds.png) and metrics/lds.json.
 
@@ -11,16 +11,16 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.compute import runtime
+from mda.core.cli import run_stage
+from mda.core.compute import runtime
 from mda.data.stream import Stream
-from mda.influence.factors import load_factors
-from mda.influence.window import setup
-from mda.io import atomic_dir, read_targets, write_json, write_parquet
-from mda.lds import (OUTPUTS, estimator_scores, per_subset_table, plot_lds, proponent_sets, proponent_summary, proponent_table,
+from mda.attribute.factors import load_factors
+from mda.attribute.window import setup
+from mda.core.io import atomic_dir, read_targets, write_json, write_parquet
+from mda.evaluate.lds import (OUTPUTS, estimator_scores, per_subset_table, plot_lds, proponent_sets, proponent_summary, proponent_table,
                      subset_ids, subset_outcomes, subset_table, summarise)
-from mda.pretrain import read_corpus_meta
-from mda.tracking import stage_run
+from mda.train.pretrain import read_corpus_meta
+from mda.core.tracking import stage_run
 
 CHECKPOINTS, CORPUS, TARGETS = "data/checkpoints", "data/corpus", "data/locate/targets.json"
 FACTORS, GRADIENTS, OUT, METRICS, WORK = "data/factors", "data/gradients", "data/lds", "metrics/lds.json", "data/.work/lds"

@@ -5,13 +5,13 @@ import json
 
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.compute import runtime
-from mda.io import atomic_dir, atomic_file, write_json, write_parquet
-from mda.locate import (METRIC_VERSIONS, check_request, choose_targets, plot_heatmap, plot_icl, plot_trajectories,
+from mda.core.cli import run_stage
+from mda.core.compute import runtime
+from mda.core.io import atomic_dir, atomic_file, write_json, write_parquet
+from mda.units.locate import (METRIC_VERSIONS, check_request, choose_targets, plot_heatmap, plot_icl, plot_trajectories,
                         scan_checkpoints, target_curve)
-from mda.pretrain import read_corpus_meta
-from mda.tracking import stage_run
+from mda.train.pretrain import read_corpus_meta
+from mda.core.tracking import stage_run
 
 CORPUS = "data/corpus"
 CHECKPOINTS = "data/checkpoints"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from mda.cli import run_stage
-from mda.errors import MdaError
-from mda.io import read_json
-from mda.report import FIGURES, read_evaluation, write_report
-from mda.tracking import git_commit, repo_root, stage_run
+from mda.core.cli import run_stage
+from mda.core.errors import MdaError
+from mda.core.io import read_json
+from mda.report.build import FIGURES, read_evaluation, write_report
+from mda.core.tracking import git_commit, repo_root, stage_run
 
 EVALUATE, SCORES, OUT = "data/evaluate", "data/scores/scores.parquet", "reports"
 TOKENS, SCORE_METRICS = "data/scores/tokens.parquet", "metrics/scores.json"

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from mda.cli import run_stage
-from mda.compute import runtime
-from mda.errors import MdaError
-from mda.interventions import ARMS
-from mda.io import atomic_dir, read_targets, write_json
-from mda.pretrain import read_corpus_meta
-from mda.retrain import run_arm
-from mda.tracking import stage_run
+from mda.core.cli import run_stage
+from mda.core.compute import runtime
+from mda.core.errors import MdaError
+from mda.intervene.edits import ARMS
+from mda.core.io import atomic_dir, read_targets, write_json
+from mda.train.pretrain import read_corpus_meta
+from mda.intervene.retrain import run_arm
+from mda.core.tracking import stage_run
 
 CORPUS, CHECKPOINTS, WORK = "data/corpus", "data/checkpoints", "data/.work/retrain"
 TARGETS, SETS = "data/locate/targets.json", "data/select/sets.parquet"

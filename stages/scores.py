@@ -5,21 +5,21 @@ top-k overlap between draws; the top and random samples' scores split over their
 
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.compute import runtime
+from mda.core.cli import run_stage
+from mda.core.compute import runtime
 from mda.data.stream import Stream
-from mda.influence.factors import load_factors
-from mda.influence.overlap import draw_agreement, seed_column
-from mda.influence.scoring import (attach_samples, concentration, plot_scores, preconditioned_probe,
+from mda.attribute.factors import load_factors
+from mda.attribute.overlap import draw_agreement, seed_column
+from mda.attribute.scoring import (attach_samples, concentration, plot_scores, preconditioned_probe,
                                    scores_from_cache, scores_streaming)
-from mda.influence.metagradient import window_metagradients
-from mda.influence.tokens import token_sets, token_table
-from mda.influence.trajectory import trajectory_scores
-from mda.token_stats import predictable_share, sum_check, target_contributions
-from mda.influence.window import setup
-from mda.interventions import set_size
-from mda.io import atomic_dir, read_targets, write_json, write_parquet
-from mda.tracking import stage_run
+from mda.attribute.metagradient import window_metagradients
+from mda.attribute.tokens import token_sets, token_table
+from mda.attribute.trajectory import trajectory_scores
+from mda.attribute.token_stats import predictable_share, sum_check, target_contributions
+from mda.attribute.window import setup
+from mda.intervene.edits import set_size
+from mda.core.io import atomic_dir, read_targets, write_json, write_parquet
+from mda.core.tracking import stage_run
 
 CHECKPOINTS, STREAM, TARGETS = "data/checkpoints", "data/corpus/stream", "data/locate/targets.json"
 FACTORS, GRADIENTS, OUT, METRICS = "data/factors", "data/gradients", "data/scores", "metrics/scores.json"

@@ -3,12 +3,12 @@
 import pandas as pd
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.errors import MdaError
-from mda.influence.scoring import concentration
-from mda.interventions import select_sets, set_size
-from mda.io import atomic_dir, read_targets, write_json, write_parquet
-from mda.tracking import stage_run
+from mda.core.cli import run_stage
+from mda.core.errors import MdaError
+from mda.attribute.scoring import concentration
+from mda.intervene.edits import select_sets, set_size
+from mda.core.io import atomic_dir, read_targets, write_json, write_parquet
+from mda.core.tracking import stage_run
 
 SCORES, TARGETS, OUT = "data/scores/scores.parquet", "data/locate/targets.json", "data/select"
 
@@ -47,7 +47,7 @@ def main(params):
 def plot_cut(scores, meta, path):
     import numpy as np
 
-    from mda import plots
+    from mda.core import plots
 
     fig, ax = plots.plt.subplots(figsize=(8, 4.5))
     for head, g in scores.groupby("head"):

@@ -3,10 +3,10 @@ controls, and precision/recall against the ground truth → data/smda/curate/.""
 
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.io import atomic_dir, write_json, write_parquet
+from mda.core.cli import run_stage
+from mda.core.io import atomic_dir, write_json, write_parquet
 from mda.smda.pipeline import run_curate
-from mda.tracking import flatten, stage_run
+from mda.core.tracking import flatten, stage_run
 
 INFLUENCE, TASK, OUT, METRICS = "data/smda/influence", "data/smda/task", "data/smda/curate", "metrics/smda_curate.json"
 

@@ -3,10 +3,10 @@ with intervals over seeds, and the curated ≥ full > random comparison → data
 
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.io import atomic_dir, write_json, write_parquet
+from mda.core.cli import run_stage
+from mda.core.io import atomic_dir, write_json, write_parquet
 from mda.smda.pipeline import run_evaluate
-from mda.tracking import stage_run
+from mda.core.tracking import stage_run
 
 INSTRUCT, TASK, SFT = "data/smda/instruct", "data/smda/task", "data/smda/sft"
 OUT, METRICS = "data/smda/evaluate", "metrics/smda_evaluate.json"

@@ -3,10 +3,10 @@ feature → data/smda/influence/ (scores.parquet, per_feature.parquet, meta.json
 
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.io import atomic_dir, write_json, write_parquet
+from mda.core.cli import run_stage
+from mda.core.io import atomic_dir, write_json, write_parquet
 from mda.smda.pipeline import run_influence
-from mda.tracking import stage_run
+from mda.core.tracking import stage_run
 
 INSTRUCT, SAE, POLICY, TASK = "data/smda/instruct", "data/smda/sae", "data/smda/policy", "data/smda/task"
 OUT = "data/smda/influence"

@@ -1,10 +1,10 @@
 """DVC stage `smda-instruct`: the studied model fine-tuned into the refusal policy on the clean
 instruct pairs → data/smda/instruct/ (weights + tokenizer, or a pin of an untouched hub model)."""
 
-from mda.cli import run_stage
-from mda.io import atomic_dir, write_json
+from mda.core.cli import run_stage
+from mda.core.io import atomic_dir, write_json
 from mda.smda.pipeline import run_instruct
-from mda.tracking import stage_run
+from mda.core.tracking import stage_run
 
 CHECKPOINTS, CORPUS_TOKENIZER = "data/checkpoints", "data/corpus/tokenizer"
 TASK, OUT = "data/smda/task", "data/smda/instruct"

@@ -4,10 +4,10 @@ policy over them → data/smda/policy/ (features, prompts, arrays.safetensors, p
 import pyarrow as pa
 from safetensors.numpy import save_file
 
-from mda.cli import run_stage
-from mda.io import atomic_dir, write_json, write_parquet
+from mda.core.cli import run_stage
+from mda.core.io import atomic_dir, write_json, write_parquet
 from mda.smda.pipeline import run_policy
-from mda.tracking import stage_run
+from mda.core.tracking import stage_run
 
 INSTRUCT, SAE, TASK = "data/smda/instruct", "data/smda/sae", "data/smda/task"
 OUT, METRICS = "data/smda/policy", "metrics/smda_policy.json"

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import yaml
 
-from mda.cli import run_stage
-from mda.io import atomic_dir
+from mda.core.cli import run_stage
+from mda.core.io import atomic_dir
 from mda.smda.report import build_report, read_results, write_document
-from mda.tracking import git_commit, stage_run
+from mda.core.tracking import git_commit, stage_run
 
 DATA, OUT = "data/smda", "reports/smda"
 

@@ -1,10 +1,10 @@
 """DVC stage `smda-sae`: a TopK SAE trained on the instruct model's residual stream (or an SAE in
 SAELens's format from the hub) → data/smda/sae/ (cfg.json, sae_weights.safetensors, metrics.json)."""
 
-from mda.cli import run_stage
-from mda.io import atomic_dir, write_json
+from mda.core.cli import run_stage
+from mda.core.io import atomic_dir, write_json
 from mda.smda.pipeline import run_sae
-from mda.tracking import stage_run
+from mda.core.tracking import stage_run
 
 INSTRUCT, TASK, OUT, METRICS = "data/smda/instruct", "data/smda/task", "data/smda/sae", "metrics/smda_sae.json"
 

@@ -6,12 +6,12 @@ import sys
 
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.errors import MdaError
-from mda.io import atomic_dir, write_json, write_parquet
+from mda.core.cli import run_stage
+from mda.core.errors import MdaError
+from mda.core.io import atomic_dir, write_json, write_parquet
 from mda.smda.evaluate import SETS
 from mda.smda.pipeline import run_sft
-from mda.tracking import stage_run
+from mda.core.tracking import stage_run
 
 INSTRUCT, TASK, CURATE = "data/smda/instruct", "data/smda/task", "data/smda/curate"
 

@@ -2,10 +2,10 @@
 
 import pyarrow as pa
 
-from mda.cli import run_stage
-from mda.io import atomic_dir, write_json, write_parquet
+from mda.core.cli import run_stage
+from mda.core.io import atomic_dir, write_json, write_parquet
 from mda.smda.pipeline import run_task
-from mda.tracking import stage_run
+from mda.core.tracking import stage_run
 
 CORPUS_TOKENIZER, OUT = "data/corpus/tokenizer", "data/smda/task"
 

@@ -34,7 +34,7 @@ def deep_update(base: dict, override: dict) -> dict:
 @pytest.fixture
 def tiny_params():
     """Default params with the tiny overrides, validated."""
-    from mda.config import parse_params
+    from mda.core.config import parse_params
 
     return parse_params(deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), TINY))
 

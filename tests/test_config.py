@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mda.config import load_params
-from mda.errors import ConfigError
+from mda.core.config import load_params
+from mda.core.errors import ConfigError
 from tests.conftest import REPO, run_stage
 
 
@@ -83,7 +83,7 @@ def test_stage_exits_2_and_writes_nothing(pipeline_repo):
 
 
 def test_schema_defaults_match_params_yaml():
-    from mda.config import Params
+    from mda.core.config import Params
 
     assert Params() == load_params(REPO / "params.yaml")
 
@@ -134,9 +134,9 @@ def test_evaluation_probes_share_no_sequence_with_the_probes_that_chose_and_scor
     sequences (same generator, same seed)."""
     from types import SimpleNamespace
 
-    from mda.config import ProbeSettings
-    from mda.locate import probe_tokens
-    from mda.retrain import eval_probes
+    from mda.core.config import ProbeSettings
+    from mda.units.locate import probe_tokens
+    from mda.intervene.retrain import eval_probes
 
     params = load_params(REPO / "presets/power.yaml")
     config = SimpleNamespace(vocab_size=2067, bos_token_id=0, eos_token_id=1)

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from mda.config import Corpus
+from mda.core.config import Corpus
 from mda.data.classify import VERSION
 from mda.data.corpus import build_corpus
 from mda.data.pythia import write_megatron

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mda.compute import Runtime
-from mda.model import neox_config, new_model
-from mda.train import Trainer
+from mda.core.compute import Runtime
+from mda.model.neox import neox_config, new_model
+from mda.train.loop import Trainer
 from tests.conftest import run_stage, set_params
 
 
@@ -22,7 +22,7 @@ def spearman(x, y) -> float:
 
 
 def launch(repo, stage, *args, env=None):
-    """The stage through the launcher dvc.yaml uses (`python -m mda.launch <procs> …`)."""
+    """The stage through the launcher dvc.yaml uses (`python -m mda.core.launch <procs> …`)."""
     import os
     import subprocess
     import sys
@@ -31,7 +31,7 @@ def launch(repo, stage, *args, env=None):
 
     procs = yaml.safe_load((repo / "params.yaml").read_text())["compute"]["procs"]
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mda.launch", str(procs), f"stages.{stage}", *args], cwd=repo,
+    return subprocess.run([sys.executable, "-m", "mda.core.launch", str(procs), f"stages.{stage}", *args], cwd=repo,
                           capture_output=True, text=True, env=full_env)
 
 
@@ -78,7 +78,7 @@ def test_two_rank_pretraining_equals_one_process_and_resumes_on_one(trained_repo
     every step and the same outputs (1e-5 relative), the same weights to 1e-5 after 4 steps; a
     2-rank run stopped after step 4 resumes on 1 rank and ends the same."""
     from mda.data.corpus import read_heldout
-    from mda.model import load_model
+    from mda.model.neox import load_model
 
     one, two = tmp_path / "one", tmp_path / "two"
     for repo in (one, two):
@@ -118,7 +118,7 @@ def assert_same_weights(one, two, step):
     small, which is why the outputs, not every weight, are compared at the end.)"""
     from transformers import AutoConfig
 
-    from mda.heads import qkv_rows
+    from mda.model.heads import qkv_rows
 
     a = load_file(one / f"data/checkpoints/step{step}/model.safetensors")
     b = load_file(two / f"data/checkpoints/step{step}/model.safetensors")
@@ -207,7 +207,7 @@ def test_a_dying_rank_fails_the_stage_and_the_rerun_resumes_from_complete_shards
     assert launch(repos["one"], "gradients").returncode == 0
     two = repos["two"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{two / 'mlflow.db'}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mda.launch", "2", "stages.gradients"], cwd=two, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "mda.core.launch", "2", "stages.gradients"], cwd=two, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     while proc.poll() is None and killed is None:

@@ -2,10 +2,10 @@
 change that alters results:
 
 - code: every `mda`/`stages` module a stage's entry point imports, transitively (read from
-  the source by `mda.deps.module_closure`, imports inside functions included), is a dep of
+  the source by `mda.core.deps.module_closure`, imports inside functions included), is a dep of
   the stage (the file or a folder above it);
 - params: every key a stage reads — recorded while the stages really run (`MDA_RECORD_PARAMS`,
-  see `mda.cli`) on the quick preset and on the other sources (Pythia `.bin/.idx`, local
+  see `mda.core.cli`) on the quick preset and on the other sources (Pythia `.bin/.idx`, local
   files, hub checkpoints), modes (streaming scores) and estimators — is listed (the key or a section
   above it), and every listed entry is read by the stage in at least one of those runs.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mda.deps import PACKAGE_ROOT, module_closure
+from mda.core.deps import PACKAGE_ROOT, module_closure
 from tests.conftest import (REPO, TINY, add_revision, deep_update, make_pipeline_repo, run_stage, set_params,
                             tiny_model)
 
@@ -28,7 +28,7 @@ def dvc_stages() -> dict[str, dict]:
     stages = {}
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
         words = stage["cmd"].split()
-        modules = [w for w in words if w.startswith("stages.")] + (["mda.launch"] if "mda.launch" in words else [])
+        modules = [w for w in words if w.startswith("stages.")] + (["mda.core.launch"] if "mda.core.launch" in words else [])
         stages[name] = {"modules": modules, "deps": [str(d) for d in stage.get("deps", [])],
                         "params": [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]}
     return stages

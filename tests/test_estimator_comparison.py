@@ -1,4 +1,4 @@
-"""`mda.estimator_comparison` on hand-built score tables and an lds results folder whose measured
+"""`mda.evaluate.estimators` on hand-built score tables and an lds results folder whose measured
 changes are known."""
 
 import json
@@ -9,9 +9,9 @@ import pytest
 import yaml
 from scipy.stats import spearmanr
 
-from mda.errors import MdaError
-from mda.estimator_comparison import agreement, arm_rows, lds_run, top_overlap
-from mda.lds import predicted_change, subset_ids
+from mda.core.errors import MdaError
+from mda.evaluate.estimators import agreement, arm_rows, lds_run, top_overlap
+from mda.evaluate.lds import predicted_change, subset_ids
 
 N = 200
 

@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mda.config import Evaluate, parse_params
-from mda.errors import MdaError
-from mda.evaluate import (arm_summary, domain_enrichment, icl_coupling, read_runs, run_effects,
+from mda.core.config import Evaluate, parse_params
+from mda.core.errors import MdaError
+from mda.evaluate.effects import (arm_summary, domain_enrichment, icl_coupling, read_runs, run_effects,
                           targeted_vs_random, transfer, transfer_summary)
-from mda.stats import t_interval
-from mda.units import first_crossing
+from mda.evaluate.stats import t_interval
+from mda.units.metrics import first_crossing
 
 EV = Evaluate()
 WINDOW = (1000, 2000)
@@ -243,7 +243,7 @@ def role_runs():
 
 
 def test_unit_levels_take_the_best_head_of_the_layer_and_of_the_model():
-    from mda.unit_view import unit_trajectories
+    from mda.evaluate.unit_level import unit_trajectories
 
     u = unit_trajectories(role_runs(), TARGETS).set_index(["arm", "seed", "step", "level"])
     assert u.loc[("remove-top", 0, 2000, "head"), "score"] == pytest.approx(0.1)
@@ -254,7 +254,7 @@ def test_unit_levels_take_the_best_head_of_the_layer_and_of_the_model():
 
 
 def test_unit_level_delays_and_role_moves():
-    from mda.evaluate import unit_level
+    from mda.evaluate.effects import unit_level
 
     unit = unit_level(role_runs(), TARGETS, WINDOW, EV, {"baseline", "remove-top", "augment-top"})
     e = unit["unit_effects"].set_index(["arm", "seed", "level"])
@@ -278,7 +278,7 @@ def test_unit_level_delays_and_role_moves():
     assert moves.loc[("remove-random", 0), "moved_to"] == ""   # the target formed (late): nothing moved
     assert moves.loc[("augment-top", 0), "moved_to"] == ""     # rival 0.15: below the level, rise 0.05 < margin
     assert moves.loc[("augment-random", 0), "moved_to"] == "L1H1"  # 0.45 ≥ 0.4 and +0.35 over its baseline
-    from mda.evaluate import role_summary
+    from mda.evaluate.effects import role_summary
 
     assert role_summary(unit["role_moves"]) == {
         "remove-top": {"runs": 2, "moved": 2, "to": ["L1H1"]}, "remove-random": {"runs": 2, "moved": 0, "to": []},
@@ -286,7 +286,7 @@ def test_unit_level_delays_and_role_moves():
 
 
 def test_role_moved_needs_the_rise_to_exceed_the_margin():
-    from mda.unit_view import role_moves
+    from mda.evaluate.unit_level import role_moves
 
     ends = pd.DataFrame({"arm": ["baseline", "baseline", "remove-top", "remove-top"], "seed": 0, "layer": 1,
                          "head": [0, 1, 0, 1], "score_end": [0.8, 0.35, 0.2, 0.44]})

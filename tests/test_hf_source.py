@@ -8,9 +8,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from mda.config import HfCorpus
+from mda.core.config import HfCorpus
 from mda.data.hf import hf_rows
-from mda.errors import MdaError
+from mda.core.errors import MdaError
 
 WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(20)]
 EOS = 0

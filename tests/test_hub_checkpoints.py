@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mda.config import HubModel
-from mda.errors import MdaError
-from mda.model import download_hub_checkpoints, load_model, step_dir
+from mda.core.config import HubModel
+from mda.core.errors import MdaError
+from mda.model.neox import download_hub_checkpoints, load_model, step_dir
 
 
 def test_revisions_land_in_step_folders(tmp_path, cache):

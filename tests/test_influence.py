@@ -12,14 +12,14 @@ import torch.nn.functional as F
 import yaml
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mda.config import Influence
-from mda.errors import MdaError
-from mda.errors import MdaError
-from mda.heads import Head, head_blocks, module_blocks
-from mda.influence.ekfac import fit_ekfac
-from mda.influence.grads import Projector, capture_batch, per_sample_gradients, sequence_losses
-from mda.influence.probes import PROBES, probe_gradient
-from mda.units import repeated_random_tokens
+from mda.core.config import Influence
+from mda.core.errors import MdaError
+from mda.core.errors import MdaError
+from mda.model.heads import Head, head_blocks, module_blocks
+from mda.attribute.ekfac import fit_ekfac
+from mda.attribute.capture import Projector, capture_batch, per_sample_gradients, sequence_losses
+from mda.attribute.probes import PROBES, probe_gradient
+from mda.units.metrics import repeated_random_tokens
 from tests.conftest import run_stage, set_params
 
 VOCAB = 40
@@ -157,7 +157,7 @@ def exact_check() -> tuple[dict, float]:
     damping; K-FAC (the same factors without the eigenvalue correction) shows what the correction
     adds, the identity (plain gradient dot products) what any curvature adds. Also run by
     `benchmarks/ekfac_exact.py`, which commits the numbers the README quotes."""
-    from mda.influence.estimators import preconditioners
+    from mda.attribute.preconditioners import preconditioners
 
     model = tiny_model()
     head = Head(1, 0)
@@ -224,14 +224,14 @@ def test_scores_from_cache_predict_what_a_preconditioned_step_on_the_sample_does
     head's rows, the shards' storage and the block sum."""
     from mda.data.corpus import build_corpus
     from mda.data.stream import Stream
-    from mda.compute import Runtime
-    from mda.config import ProbeSettings
-    from mda.influence.factors import fit_factors, load_factors
-    from mda.influence.gradients import cache_gradients
-    from mda.influence.scoring import preconditioned_probe, scores_from_cache
-    from mda.influence.window import setup
-    from mda.locate import probe_tokens
-    from mda.model import load_model, neox_config, new_model, save_model, step_dir
+    from mda.core.compute import Runtime
+    from mda.core.config import ProbeSettings
+    from mda.attribute.factors import fit_factors, load_factors
+    from mda.attribute.gradient_cache import cache_gradients
+    from mda.attribute.scoring import preconditioned_probe, scores_from_cache
+    from mda.attribute.window import setup
+    from mda.units.locate import probe_tokens
+    from mda.model.neox import load_model, neox_config, new_model, save_model, step_dir
 
     vocab = build_corpus(tiny_params.corpus, tmp_path / "corpus")["vocab_size"]
     stream = Stream(tmp_path / "corpus" / "stream")
@@ -303,11 +303,11 @@ def located_repo(trained_repo):
 
 
 def influence_setup(repo, **overrides):
-    from mda.compute import runtime
-    from mda.config import Compute
+    from mda.core.compute import runtime
+    from mda.core.config import Compute
     from mda.data.stream import Stream
-    from mda.influence.window import setup
-    from mda.io import read_targets
+    from mda.attribute.window import setup
+    from mda.core.io import read_targets
 
     inf = Influence(**{"factor_samples": 0, **overrides})
     targets = read_targets(repo / "data/locate/targets.json")
@@ -319,9 +319,9 @@ def influence_setup(repo, **overrides):
 
 @pytest.mark.slow
 def test_cached_and_streaming_scores_agree_and_ignore_batching(located_repo, tmp_path):
-    from mda.influence.factors import fit_factors, load_factors
-    from mda.influence.gradients import cache_gradients
-    from mda.influence.scoring import preconditioned_probe, scores_from_cache, scores_streaming
+    from mda.attribute.factors import fit_factors, load_factors
+    from mda.attribute.gradient_cache import cache_gradients
+    from mda.attribute.scoring import preconditioned_probe, scores_from_cache, scores_streaming
 
     inf, s, stream = influence_setup(located_repo, batch_size=7, probe_sequences=4, probe_half_len=8)
     fit_factors(inf, s, stream, tmp_path / "factors")
@@ -354,7 +354,7 @@ def test_cached_and_streaming_scores_agree_and_ignore_batching(located_repo, tmp
 
 @pytest.mark.slow
 def test_nan_weights_stop_with_the_block_and_step(located_repo, tmp_path):
-    from mda.influence.gradients import batch_gradients
+    from mda.attribute.gradient_cache import batch_gradients
 
     inf, s, stream = influence_setup(located_repo)
     head = s.heads[0]
@@ -366,7 +366,7 @@ def test_nan_weights_stop_with_the_block_and_step(located_repo, tmp_path):
 
 
 def test_non_finite_or_degenerate_covariance_is_named():
-    from mda.influence.ekfac import eigenbasis
+    from mda.attribute.ekfac import eigenbasis
 
     with pytest.raises(MdaError, match="L1H0/qk: activation covariance: non-finite values"):
         eigenbasis(torch.full((3, 3), float("nan")), "L1H0/qk: activation covariance")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from mda.errors import MdaError
-from mda.interventions import (augmentation, motif_profile, motif_rows, removal, repeated_spans,
+from mda.core.errors import MdaError
+from mda.intervene.edits import (augmentation, motif_profile, motif_rows, removal, repeated_spans,
                                select_sets, set_size, upweighting)
 from tests.conftest import run_stage, set_params
 
@@ -87,14 +87,14 @@ def test_removal_zeroes_exactly_the_selected_rows():
 
 
 def test_removed_sample_contributes_nothing_and_leaves_the_other_rows_alone():
-    """Removal masks a sample through its loss weight (`removal` → `mda.train.batch_loss`, what
+    """Removal masks a sample through its loss weight (`removal` → `mda.train.loop.batch_loss`, what
     every training step runs): the batch's gradient is, whatever the masked row holds, that of
     the other rows' summed token losses over the unchanged normaliser (all B × T target tokens),
     computed here one row at a time with a plain cross-entropy."""
     import torch.nn.functional as F
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from mda.train import batch_loss
+    from mda.train.loop import batch_loss
 
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
@@ -220,7 +220,7 @@ def tiny_lm():
 
 
 def grads(model, ids, weights=None):
-    from mda.train import batch_loss
+    from mda.train.loop import batch_loss
 
     model.zero_grad()
     batch_loss(model, ids, None if weights is None else torch.as_tensor(weights, dtype=torch.float32)).backward()
@@ -298,9 +298,9 @@ def selected_repo(trained_repo):
 def test_build_edit_places_augment_arms_by_the_params(selected_repo, placement):
     """On a real stream and selection: each augment arm's edit follows `retrain.augment_placement`
     and says so in its summary (what `meta.json` records)."""
-    from mda.config import load_params, parse_params
+    from mda.core.config import load_params, parse_params
     from mda.data.stream import Stream
-    from mda.retrain import build_edit
+    from mda.intervene.retrain import build_edit
 
     raw = load_params(selected_repo / "params.yaml").model_dump()
     raw["retrain"]["augment_placement"] = placement
@@ -327,7 +327,7 @@ def test_build_edit_places_augment_arms_by_the_params(selected_repo, placement):
 
 @pytest.mark.slow
 def test_baseline_reproduces_pretraining_bit_exactly(selected_repo):
-    from mda.model import load_model
+    from mda.model.neox import load_model
 
     res = run_stage(selected_repo, "retrain", args=["baseline"])
     assert res.returncode == 0, res.stderr

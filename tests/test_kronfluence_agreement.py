@@ -1,10 +1,10 @@
 """Our EK-FAC influence scores agree with kronfluence's EK-FAC `compute_pairwise_scores`.
 
-Peer check of `mda.influence` (covariances → eigenbases → corrected eigenvalues Λ → damped
+Peer check of `mda.attribute` (covariances → eigenbases → corrected eigenvalues Λ → damped
 inverse-curvature product → score) against kronfluence 1.0.1 (Grosse et al. 2023's
 reference implementation), on the same work: a tiny float64 GPT-NeoX (2 layers, hidden 16,
 vocab 40, no attention biases, eager attention), one layer's whole attention weights
-(`query_key_value` + `dense`, `mda.heads.module_blocks`: what kronfluence tracks as two
+(`query_key_value` + `dense`, `mda.model.heads.module_blocks`: what kronfluence tracks as two
 modules), EK-FAC fitted with the true Fisher on 256 training sequences, 96 training
 sequences scored against the induction probe on 8 repeated-random-token sequences.
 Measured: Spearman 1.0000000 (Pearson 1.000000000000000, max |Δ| / max |score| ≈ 3e-15): the
@@ -26,13 +26,13 @@ How the kronfluence side is set up (fully offline, in a tmp dir; CI installs kro
   (inputs ids[:, :-1], targets ids[:, 1:]), as our `sequence_losses(...).sum()`.
   With `sample=True` (kronfluence's true-Fisher passes: covariances, then Lambda) the targets
   are labels drawn from the model's softmax — here, the very labels `fit_ekfac` drew, in the
-  same order: a spy standing in for `torch.nn.functional` inside `mda.lm` records
+  same order: a spy standing in for `torch.nn.functional` inside `mda.model.losses` records
   the targets of each `cross_entropy` call of our two passes, and the task hands them out one
   per call. Both sides then see the same sampled labels, whatever sampler `sequence_losses`
   uses, and the check is exact rather than Monte-Carlo close. The test also asserts the draw is
   not the data's next tokens and that kronfluence consumed exactly our batches.
 - `compute_measurement`: −f, with f the induction probe (summed log-probability of the
-  induction target) — written here independently of `mda.units` and checked equal to it.
+  induction target) — written here independently of `mda.units.metrics` and checked equal to it.
 - `get_influence_tracked_modules`: the layer's `attention.query_key_value`, `attention.dense`.
 - `FactorArguments(strategy="ekfac", use_empirical_fisher=False)` with every dtype float64
   (covariance, eigendecomposition, per-sample gradient, Lambda), no example caps in play.
@@ -77,12 +77,12 @@ from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
 
-from mda.heads import Head, module_blocks
-from mda import lm
-from mda.influence.ekfac import fit_ekfac
-from mda.influence.grads import capture_batch, per_sample_gradients
-from mda.influence.probes import PROBES, probe_gradient
-from mda.units import repeated_random_tokens
+from mda.model.heads import Head, module_blocks
+from mda.model import losses as lm
+from mda.attribute.ekfac import fit_ekfac
+from mda.attribute.capture import capture_batch, per_sample_gradients
+from mda.attribute.probes import PROBES, probe_gradient
+from mda.units.metrics import repeated_random_tokens
 
 VOCAB, HIDDEN, LAYERS, HEADS = 40, 16, 2, 2
 SEQ_LEN = 16             # tokens per training sequence fed to the model (ids are SEQ_LEN + 1)
@@ -122,7 +122,7 @@ def training_ids(n: int, seed: int) -> torch.Tensor:
 
 
 class TargetSpy:
-    """Stands in for `torch.nn.functional` inside `mda.lm` (where the losses are taken) and records the
+    """Stands in for `torch.nn.functional` inside `mda.model.losses` (where the losses are taken) and records the
     targets of every `cross_entropy` call: the labels `fit_ekfac` actually trained its
     curvature on, whatever sampler `sequence_losses` uses."""
 

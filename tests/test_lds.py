@@ -1,5 +1,5 @@
-"""The LDS stage (`mda.lds`, `stages/lds.py`) and the preconditioners it compares
-(`mda.influence.estimators`): each piece against an independent computation, then the stage
+"""The LDS stage (`mda.evaluate.lds`, `stages/lds.py`) and the preconditioners it compares
+(`mda.attribute.preconditioners`): each piece against an independent computation, then the stage
 end to end on the tiny pipeline (resumable, identity-checked, off by default)."""
 
 import json
@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from mda.influence.ekfac import BlockFactors
-from mda.influence.estimators import Identity, kfac, preconditioners
-from mda.lds import bootstrap_indices, lds, predicted_change, spearman_rows, subset_ids
+from mda.attribute.ekfac import BlockFactors
+from mda.attribute.preconditioners import Identity, kfac, preconditioners
+from mda.evaluate.lds import bootstrap_indices, lds, predicted_change, spearman_rows, subset_ids
 from tests.conftest import run_stage, set_params
 
 
@@ -28,7 +28,7 @@ def test_predicted_change_is_minus_the_sum_of_the_removed_samples_scores():
 
 
 def test_a_subset_with_an_unscored_sample_is_an_error():
-    from mda.errors import MdaError
+    from mda.core.errors import MdaError
 
     with pytest.raises(MdaError, match="subset 0 holds samples without a score"):
         predicted_change(pd.Series({1: 1.0, 2: 2.0}), {0: np.array([1, 3])})
@@ -112,10 +112,10 @@ def influence_repo(trained_repo):
 
 def retrain_by_hand(repo, targets, removed: set[int], params):
     """An independent replay: resume the window start, zero the removed rows' loss weights,
-    step through the window with the Trainer (no mda.retrain, no mda.interventions)."""
+    step through the window with the Trainer (no mda.intervene.retrain, no mda.intervene.edits)."""
     from mda.data.stream import Stream
-    from mda.model import step_dir
-    from mda.train import resume
+    from mda.model.neox import step_dir
+    from mda.train.loop import resume
 
     start, end = targets["window"]["start"], targets["window"]["end"]
     threads = torch.get_num_threads()
@@ -132,10 +132,10 @@ def retrain_by_hand(repo, targets, removed: set[int], params):
 
 @pytest.mark.slow
 def test_lds_stage_end_to_end_resumes_and_is_off_by_default(influence_repo):
-    from mda.config import ProbeSettings, load_params
-    from mda.heads import Head
-    from mda.influence.probes import PROBES
-    from mda.locate import probe_tokens
+    from mda.core.config import ProbeSettings, load_params
+    from mda.model.heads import Head
+    from mda.attribute.probes import PROBES
+    from mda.units.locate import probe_tokens
 
     repo = influence_repo
     # Off (the default): one small summary, nothing retrained.

@@ -1,4 +1,4 @@
-"""Chunked-vocabulary losses (`mda.lm`) against the full-logits computation: the same per-token
+"""Chunked-vocabulary losses (`mda.model.losses`) against the full-logits computation: the same per-token
 losses and the same gradients of every parameter, for true and sampled labels; and the
 sampler draws the labels a single draw over the batch would."""
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mda.lm import sampled_sequence_losses, token_losses
+from mda.model.losses import sampled_sequence_losses, token_losses
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

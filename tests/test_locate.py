@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from mda.config import Locate, parse_params
-from mda.errors import MdaError
-from mda.locate import choose_targets, formation_window, scan_checkpoints
+from mda.core.config import Locate, parse_params
+from mda.core.errors import MdaError
+from mda.units.locate import choose_targets, formation_window, scan_checkpoints
 from tests.conftest import REPO, TINY, deep_update, run_stage, set_params
 
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 1500, 2000, 2500, 3000]
@@ -91,7 +91,7 @@ def test_bad_targets_are_named(locate, message):
 
 
 def test_window_order_is_checked_by_the_schema():
-    from mda.errors import ConfigError
+    from mda.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"locate: window start 1000 must be before its end 500"):
         parse_params({"locate": {"window": [1000, 500]}})
@@ -176,9 +176,9 @@ def loop_scores(attention: torch.Tensor, tokens: torch.Tensor) -> dict[str, floa
 def test_locate_runs_on_hub_downloaded_checkpoints(tmp_path, cache, tiny_params):
     """Pythia revisions fetched from a (local, fake) hub cache are scanned like local ones: every
     row of the heads table holds the metrics of that head of that revision's hub model."""
-    from mda.config import HubModel
-    from mda.locate import probe_tokens
-    from mda.model import download_hub_checkpoints
+    from mda.core.config import HubModel
+    from mda.units.locate import probe_tokens
+    from mda.model.neox import download_hub_checkpoints
 
     cache_dir, hub_models = cache
     download_hub_checkpoints(HubModel(revisions=[0, 1], cache_dir=str(cache_dir), local_files_only=True),

@@ -1,5 +1,5 @@
-"""The exact estimator (`mda.influence.metagradient`) against finite differences of real retraining:
-the window retrained through `mda.train.Trainer` (the loop every arm runs) with one sample's loss
+"""The exact estimator (`mda.attribute.metagradient`) against finite differences of real retraining:
+the window retrained through `mda.train.loop.Trainer` (the loop every arm runs) with one sample's loss
 weight at 1 ± ε, (f(+ε) − f(−ε)) / 2ε vs d f / d w_z."""
 
 import copy
@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mda.config import Pretrain
-from mda.heads import Head
-from mda.influence.metagradient import from_trainer, metagradients, replay_window, window_batches
-from mda.influence.probes import PROBES
-from mda.train import Trainer
-from mda.units import repeated_random_tokens
+from mda.core.config import Pretrain
+from mda.model.heads import Head
+from mda.attribute.metagradient import from_trainer, metagradients, replay_window, window_batches
+from mda.attribute.probes import PROBES
+from mda.train.loop import Trainer
+from mda.units.metrics import repeated_random_tokens
 
 VOCAB, ROWS, ROW_LEN = 40, 4, 13
 # Clipping at 0.5 is active in most steps of this tiny model, so its derivative is exercised too.
@@ -126,7 +126,7 @@ def test_the_functional_replay_is_the_trainers_training():
 
 
 def test_a_fresh_optimizer_is_refused_with_one_line():
-    from mda.errors import MdaError
+    from mda.core.errors import MdaError
 
     trainer = Trainer(model64(), RECIPE, total_steps=40)
     with pytest.raises(MdaError, match="no AdamW moments for every parameter"):
@@ -147,17 +147,17 @@ def located(trained_repo):
 def test_scores_stage_runs_every_estimator_and_exact_matches_retraining(located):
     """`influence.estimator` switches what `scores.parquet` holds, same table either way; the exact
     estimator's values, from the stage, against central differences of the arms' own retraining
-    (`mda.retrain.train_edit` from the window start's checkpoint, one sample's weight at 1 ± ε)."""
+    (`mda.intervene.retrain.train_edit` from the window start's checkpoint, one sample's weight at 1 ± ε)."""
     import json
 
     import pandas as pd
 
-    from mda.config import ProbeSettings, load_params
+    from mda.core.config import ProbeSettings, load_params
     from mda.data.stream import Stream
-    from mda.interventions import StreamEdit
-    from mda.locate import probe_tokens
-    from mda.retrain import train_edit
-    from mda.train import deterministic
+    from mda.intervene.edits import StreamEdit
+    from mda.units.locate import probe_tokens
+    from mda.intervene.retrain import train_edit
+    from mda.train.loop import deterministic
     from tests.conftest import run_stage, set_params
 
     repo = located
@@ -185,7 +185,7 @@ def test_scores_stage_runs_every_estimator_and_exact_matches_retraining(located)
     rows = stream.read(start, end - 1, columns=["sample_id", "step", "batch_pos"]).to_pandas().set_index("sample_id")
     head = Head(targets["heads"][0]["layer"], targets["heads"][0]["head"])
     inf = params.influence
-    from mda.compute import runtime
+    from mda.core.compute import runtime
     rt = runtime(params.compute)
     deterministic("cpu")
     torch.set_num_threads(params.compute.threads)

@@ -1,11 +1,11 @@
-"""Top-k agreement between probe draws (mda.influence.overlap): `select`'s top set, overlaps by hand."""
+"""Top-k agreement between probe draws (mda.attribute.overlap): `select`'s top set, overlaps by hand."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from mda.influence.overlap import draw_agreement, top_k
-from mda.interventions import select_sets
+from mda.attribute.overlap import draw_agreement, top_k
+from mda.intervene.edits import select_sets
 
 
 def test_top_k_is_selects_top_set_ties_included():

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mda.config import load_params
-from mda.model import load_model, load_trainer_state, saved_steps
+from mda.core.config import load_params
+from mda.model.neox import load_model, load_trainer_state, saved_steps
 from tests.conftest import run_stage
 
 
@@ -204,8 +204,8 @@ def test_corrupt_stream_fails_cleanly(pipeline_repo):
 
 
 def test_missing_checkpoint_file_is_named(tmp_path, tiny_params):
-    from mda.errors import MdaError
-    from mda.model import neox_config, new_model, save_model
+    from mda.core.errors import MdaError
+    from mda.model.neox import neox_config, new_model, save_model
 
     save_model(new_model(neox_config(tiny_params.model, 50), 0), tmp_path / "step0")
     with pytest.raises(MdaError, match="trainer_state.pt: missing checkpoint file"):

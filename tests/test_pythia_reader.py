@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mda.data.pythia import MegatronDataset, pythia_rows, write_megatron
-from mda.errors import MdaError
+from mda.core.errors import MdaError
 
 STEPS, BATCH, ROW_LEN = 4, 3, 9
 UINT16, INT32 = 8, 4  # Megatron's DType codes

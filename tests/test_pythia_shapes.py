@@ -2,7 +2,7 @@
 a randomly initialised model with its exact config (6 layers, d = 128, 4 heads, vocabulary
 50,304, rotary 25 %, 2,048 context) on a Megatron `.bin/.idx` fixture of 2,049-token rows,
 through corpus → checkpoints → locate → factors → gradients → scores → select → a few
-retrain steps (the full-vocabulary logits of a batch exceed `mda.lm.LOGIT_BUDGET`, so every
+retrain steps (the full-vocabulary logits of a batch exceed `mda.model.losses.LOGIT_BUDGET`, so every
 loss runs chunked)."""
 
 import json
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mda.config import parse_params
+from mda.core.config import parse_params
 from tests.conftest import REPO, deep_update, make_pipeline_repo, run_stage
 
 PRESETS = ["pythia-14m-prevtoken", "pythia-160m-induction", "pythia-14m-pretrain"]
@@ -74,7 +74,7 @@ def test_stages_run_at_pythia_14m_shapes(tmp_path):
     print("\n[pythia-14m shapes] peak RSS so far per stage (GiB):", {k: round(v, 2) for k, v in peak.items()})
     from transformers import AutoConfig
 
-    from mda.model import rotary_fraction
+    from mda.model.neox import rotary_fraction
 
     config = AutoConfig.from_pretrained(repo / "data/checkpoints/step6")
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size,

@@ -1,4 +1,4 @@
-"""The replication summary (mda.replication) on a constructed `dvc exp show --json`: the layout DVC
+"""The replication summary (mda.evaluate.replication) on a constructed `dvc exp show --json`: the layout DVC
 3 writes (commit rows, each with `experiments` → `revs` → `data` → params/metrics files → data),
 three pretraining seeds, one failed experiment."""
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mda.replication import exp_rows, main, report
+from mda.evaluate.replication import exp_rows, main, report
 
 
 def evaluation(emergence, top, rand, aug, aug_rand, p_top, p_aug, test, r, p_r, window=(3500, 6000), k=4000):

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mda.config import Evaluate
-from mda.evaluate import (arm_summary, domain_enrichment, icl_coupling, role_summary, run_effects,
+from mda.core.config import Evaluate
+from mda.evaluate.effects import (arm_summary, domain_enrichment, icl_coupling, role_summary, run_effects,
                           target_trajectories, targeted_vs_random, transfer, transfer_summary, unit_level)
-from mda.report import FIGURES, write_report
-from mda.verdicts import verdicts
+from mda.report.build import FIGURES, write_report
+from mda.evaluate.verdicts import verdicts
 from tests.test_evaluate import TARGETS, WINDOW, curve, head_runs
 
 EV = Evaluate(bootstrap=200)

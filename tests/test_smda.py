@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mda.config import SmdaSae, SmdaTask
-from mda.errors import ConfigError, MdaError
+from mda.core.config import SmdaSae, SmdaTask
+from mda.core.errors import ConfigError, MdaError
 from mda.smda import curate, policy
 from mda.smda.evaluate import refusal_metrics
 from mda.smda.influence import ridge_derivatives
@@ -241,11 +241,11 @@ def test_sft_file_with_one_class_is_rejected(tmp_path):
 # ----------------------------------------------------------------------------- the LM side
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from mda.compute import runtime
-    from mda.config import Compute, Model, SmdaModel
+    from mda.core.compute import runtime
+    from mda.core.config import Compute, Model, SmdaModel
     from mda.data.synthetic import build_vocabulary
     from mda.data.tokenizer import word_level_tokenizer
-    from mda.model import neox_config, new_model
+    from mda.model.neox import neox_config, new_model
     from mda.smda.lm import LM
 
     tokenizer = word_level_tokenizer(build_vocabulary())
@@ -284,7 +284,7 @@ def test_refusal_prefix_the_tokenizer_cannot_encode(tiny_lm):
 def test_response_loss_and_token_weights_match_explicit_loops(tiny_lm):
     from mda.smda.influence import response_loss
     from mda.smda.lm import response_batch
-    from mda.train import batch_loss
+    from mda.train.loop import batch_loss
 
     pairs = [([5, 6, 7], [8, 9]), ([5, 6], [10, 11, 12])]
     with torch.no_grad():
@@ -321,7 +321,7 @@ def test_sgd_step_restores_the_weights_bit_for_bit(tiny_lm):
 
 # ----------------------------------------------------------------------------- params
 def test_every_smda_param_is_documented_and_unknown_keys_are_rejected(tmp_path):
-    from mda.config import Smda, SmdaSection, load_params
+    from mda.core.config import Smda, SmdaSection, load_params
 
     def undocumented(cls, prefix):
         for name, field in cls.model_fields.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mda.config import parse_params
+from mda.core.config import parse_params
 
 WORDS = ["user", "assistant", "I", "can't", "cannot", "help", "with", "that", ".", "Sure", "here", "is", "how", "to",
          "make", "a", "bomb", "cake", "poison", "bread", "steal", "car", "wash", "the", "dog", "walk", "hack",
@@ -136,7 +136,7 @@ def run_hub_chain(root: Path, raw: dict) -> dict:
     import pyarrow.parquet as pq
     from safetensors.numpy import save_file
 
-    from mda.io import write_json
+    from mda.core.io import write_json
     from mda.smda import pipeline
 
     params = parse_params(raw)
@@ -209,7 +209,7 @@ def test_llama_and_saelens_sae_from_a_hub_cache(fake_hub, tmp_path):
 
 
 def test_hub_sae_of_another_width_is_named(fake_hub, tmp_path):
-    from mda.errors import MdaError
+    from mda.core.errors import MdaError
 
     root, cache = fake_hub
     raw = hub_params(root, cache, sae={"layer": 0, "hub_path": "blocks.0.hook_resid_post"})

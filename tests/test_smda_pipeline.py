@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from mda.config import load_params
+from mda.core.config import load_params
 from tests.conftest import deep_update, run_stage
 
 SMDA_TINY = {"smda": {

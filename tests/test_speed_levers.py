@@ -10,11 +10,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from mda.config import ProbeSettings
-from mda.lm import token_losses
-from mda.locate import checkpoint_metrics, probe_tokens
-from mda.model import neox_config, new_model
-from mda.train import Trainer, deterministic
+from mda.core.config import ProbeSettings
+from mda.model.losses import token_losses
+from mda.units.locate import checkpoint_metrics, probe_tokens
+from mda.model.neox import neox_config, new_model
+from mda.train.loop import Trainer, deterministic
 
 VOCAB = 2067  # the synthetic corpus's vocabulary: the default model's shapes
 
@@ -121,8 +121,8 @@ def test_no_nan_fill_trains_and_evaluates_to_the_same_bits(params):
 def test_heldout_loss_in_chunks_is_the_one_forward_loss(params, n_threads):
     """`checkpoint_metrics` scores held-out rows HELDOUT_ROWS_PER_FORWARD at a time; the reference
     is one forward of all rows (what it did before), on the default model and held-out size."""
-    from mda.locate import HELDOUT_ROWS_PER_FORWARD
-    from mda.units import icl_score
+    from mda.units.locate import HELDOUT_ROWS_PER_FORWARD
+    from mda.units.metrics import icl_score
 
     model = default_trainer(params).model.eval()
     heldout = torch.randint(2, VOCAB, (params.locate.heldout_rows, params.corpus.seq_len + 1),
@@ -151,6 +151,6 @@ def test_deterministic_keeps_deterministic_kernels_and_drops_the_fill():
 def params():
     from pathlib import Path
 
-    from mda.config import load_params
+    from mda.core.config import load_params
 
     return load_params(Path(__file__).resolve().parents[1] / "params.yaml")

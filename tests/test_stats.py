@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import mda.stats
-from mda.stats import chosen_test, rank_p, t_test_p
+import mda.evaluate.stats
+from mda.evaluate.stats import chosen_test, rank_p, t_test_p
 
 NULL = np.array([10.0, 25.0, 40.0, 31.0, 18.0])
 
@@ -72,10 +72,10 @@ def test_group_rank_p_draws_when_there_are_too_many_groupings(monkeypatch):
     rng = np.random.default_rng(4)
     targeted, null = rng.normal(0.8, 1.0, 4), rng.normal(0.0, 1.0, 8)
     exact, _ = rank_p(targeted, null, +1)
-    monkeypatch.setattr(mda.stats, "EXACT_SPLITS", 10)
+    monkeypatch.setattr(mda.evaluate.stats, "EXACT_SPLITS", 10)
     drawn, smallest = rank_p(targeted, null, +1, seed=1)
-    assert smallest == pytest.approx(1 / (1 + mda.stats.PERMUTATION_DRAWS))
-    assert abs(drawn - exact) < 4 * math.sqrt(exact * (1 - exact) / mda.stats.PERMUTATION_DRAWS) + 1e-5
+    assert smallest == pytest.approx(1 / (1 + mda.evaluate.stats.PERMUTATION_DRAWS))
+    assert abs(drawn - exact) < 4 * math.sqrt(exact * (1 - exact) / mda.evaluate.stats.PERMUTATION_DRAWS) + 1e-5
     assert rank_p(targeted, null, +1, seed=1) == (drawn, smallest)  # seeded
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from mda.data.stream import (STEPS_PER_ROW_GROUP, Stream, StreamWriter, steps_per_row_group,
                              stream_table)
-from mda.errors import MdaError
+from mda.core.errors import MdaError
 
 
 def write_stream(directory, rows, first_step, batch_size, steps_per_file, chunks):

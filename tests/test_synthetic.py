@@ -2,7 +2,7 @@ import hashlib
 
 import numpy as np
 
-from mda.config import Corpus
+from mda.core.config import Corpus
 from mda.data.corpus import build_corpus
 from mda.data.stream import Stream
 from mda.data.synthetic import DOMAINS, build_vocabulary, generate_rows

@@ -1,6 +1,6 @@
 """Our head-detection metrics agree with TransformerLens's `detect_head`.
 
-`mda.units.detection_score(..., target_rows_only=False)` with `previous_token_detection`,
+`mda.units.metrics.detection_score(..., target_rows_only=False)` with `previous_token_detection`,
 `duplicate_token_detection` and `induction_detection` is meant to be exactly TransformerLens's
 `transformer_lens.head_detector.detect_head(model, seqs, name, error_measure="mul")`. This
 test checks that, within 5e-7 (the README's claim; largest difference measured: 2.5e-7, float32
@@ -57,9 +57,9 @@ from transformer_lens import head_detector
 from transformer_lens.head_detector import detect_head
 from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights
 
-from mda.config import Model
-from mda.model import neox_config, new_model
-from mda.units import (
+from mda.core.config import Model
+from mda.model.neox import neox_config, new_model
+from mda.units.metrics import (
     attention_patterns,
     detection_score,
     duplicate_token_detection,

@@ -1,4 +1,4 @@
-"""Token-level attribution (mda.influence.tokens): the split is exact, against the scoring path and
+"""Token-level attribution (mda.attribute.tokens): the split is exact, against the scoring path and
 against a plain backward; the induction-predictable definition, against a loop and by hand."""
 
 import numpy as np
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mda.config import Influence
-from mda.heads import Head, head_blocks
-from mda.influence.tokens import induction_predictable, token_contributions, token_sets, token_table
-from mda.token_stats import predictable_share, target_contributions
-from mda.interventions import union_scores
+from mda.core.config import Influence
+from mda.model.heads import Head, head_blocks
+from mda.attribute.tokens import induction_predictable, token_contributions, token_sets, token_table
+from mda.attribute.token_stats import predictable_share, target_contributions
+from mda.intervene.edits import union_scores
 
 
 # ----------------------------------------------------------------------------- predictable positions
@@ -46,14 +46,14 @@ def influence_world(tmp_path_factory):
     """A tiny corpus and a float64 model with peaked attention, its factors and H⁻¹∇f."""
     import yaml
 
-    from mda.compute import Runtime
-    from mda.config import parse_params
+    from mda.core.compute import Runtime
+    from mda.core.config import parse_params
     from mda.data.corpus import build_corpus
     from mda.data.stream import Stream
-    from mda.influence.factors import fit_factors, load_factors
-    from mda.influence.scoring import preconditioned_probe
-    from mda.influence.window import setup
-    from mda.model import neox_config, new_model, save_model, step_dir
+    from mda.attribute.factors import fit_factors, load_factors
+    from mda.attribute.scoring import preconditioned_probe
+    from mda.attribute.window import setup
+    from mda.model.neox import neox_config, new_model, save_model, step_dir
     from tests.conftest import REPO, TINY, deep_update
 
     params = parse_params(deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), TINY))
@@ -80,7 +80,7 @@ def test_token_contributions_sum_to_the_scoring_paths_score(influence_world):
     """Σ_t c_t equals `score_batch` (the streaming scorer: gradients rounded to the float32 cache)
     to 1e-6, and equals −⟨∇L(z), V⟩ from a plain backward of each row's summed cross-entropy on
     the float64 model (no hooks) to 1e-10."""
-    from mda.influence.scoring import score_batch
+    from mda.attribute.scoring import score_batch
 
     inf, s, stream, vectors = influence_world
     ids = torch.from_numpy(next(iter(stream.batches(0, 0)))[1])
@@ -112,7 +112,7 @@ def test_token_contributions_sum_to_the_scoring_paths_score(influence_world):
 def test_token_table_covers_the_sets_and_sums_to_union_scores(influence_world):
     """token_table's rows per (set, head, sample) sum to that head's score; the union target's
     combination sums to `union_scores`; the random set is the same size as each top set."""
-    from mda.influence.scoring import scores_streaming
+    from mda.attribute.scoring import scores_streaming
 
     inf, s, stream, vectors = influence_world
     raw = scores_streaming(inf, s, stream, vectors).assign(step=0, domain="x")
@@ -147,7 +147,7 @@ def test_report_shades_the_top_samples_tokens_and_shows_both_tables(tmp_path):
     """The HTML shades each token of a top sample by its contribution (red +, blue −, opacity
     |c| / the largest |c| shown, predictable positions underlined); Markdown lists the strongest
     tokens; the predictable-share and probe-draw tables come from metrics/scores.json."""
-    from mda.report import write_report
+    from mda.report.build import write_report
     from tests.test_report import evaluation, scores
 
     ev = evaluation(1500)

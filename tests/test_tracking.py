@@ -6,7 +6,7 @@ import textwrap
 
 from mlflow.tracking import MlflowClient
 
-from mda import tracking
+from mda.core import tracking
 from tests.conftest import REPO
 
 

@@ -3,8 +3,8 @@ import torch
 
 from mda.data.corpus import build_corpus
 from mda.data.stream import Stream
-from mda.model import TRAINER_STATE, neox_config, new_model, save_model, step_dir
-from mda.train import Trainer, lr_factor, pythia_save_steps, resume, train_steps
+from mda.model.neox import TRAINER_STATE, neox_config, new_model, save_model, step_dir
+from mda.train.loop import Trainer, lr_factor, pythia_save_steps, resume, train_steps
 from tests.conftest import run_stage
 
 

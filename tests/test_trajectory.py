@@ -1,4 +1,4 @@
-"""The trajectory estimator (`mda.influence.trajectory`) against the `ekfac` path: a window of one
+"""The trajectory estimator (`mda.attribute.trajectory`) against the `ekfac` path: a window of one
 segment is EK-FAC at that checkpoint; a longer window is, segment by segment, EK-FAC at each
 segment's own checkpoint over its own samples."""
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mda.compute import Runtime
-from mda.config import Influence
-from mda.errors import MdaError
-from mda.heads import Head
-from mda.influence.trajectory import segments, trajectory_scores
+from mda.core.compute import Runtime
+from mda.core.config import Influence
+from mda.core.errors import MdaError
+from mda.model.heads import Head
+from mda.attribute.trajectory import segments, trajectory_scores
 
 RT = Runtime(device=torch.device("cpu"), dtype=torch.float32, micro_batch=None, threads=1)
 INF = Influence(factor_samples=0, batch_size=16, probe_sequences=4, probe_half_len=8, token_samples=0)
@@ -21,9 +21,9 @@ def checkpointed(tmp_path_factory):
     """A tiny corpus and three different models saved as the checkpoints at steps 0, 4 and 8."""
     from tests.conftest import TINY, REPO, deep_update
     import yaml
-    from mda.config import parse_params
+    from mda.core.config import parse_params
     from mda.data.corpus import build_corpus
-    from mda.model import neox_config, new_model, save_model, step_dir
+    from mda.model.neox import neox_config, new_model, save_model, step_dir
 
     root = tmp_path_factory.mktemp("trajectory")
     params = parse_params(deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), TINY))
@@ -45,10 +45,10 @@ def targets(start, end, influence_step):
 def ekfac(root, start, end, checkpoint):
     """The `ekfac` estimator's path (factors → preconditioned probe → streamed scores) at `checkpoint`."""
     from mda.data.stream import Stream
-    from mda.influence.ekfac import fit_ekfac
-    from mda.influence.factors import WindowSource, factor_subset
-    from mda.influence.scoring import preconditioned_probe, scores_streaming
-    from mda.influence.window import setup
+    from mda.attribute.ekfac import fit_ekfac
+    from mda.attribute.factors import WindowSource, factor_subset
+    from mda.attribute.scoring import preconditioned_probe, scores_streaming
+    from mda.attribute.window import setup
 
     stream = Stream(root / "corpus" / "stream")
     s = setup(INF, root / "ckpts", targets(start, end, checkpoint), RT)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mda.heads import Head, block_rows, block_weight, qkv_rows
-from mda.units import (attention_patterns, copying_score, detection_score, duplicate_token_detection,
+from mda.model.heads import Head, block_rows, block_weight, qkv_rows
+from mda.units.metrics import (attention_patterns, copying_score, detection_score, duplicate_token_detection,
                        duplicate_token_score, head_ablation_logprobs, icl_positions, icl_score,
                        induction_detection, induction_target_logprob, induction_targets,
                        prefix_matching_score, previous_token_score, repeated_random_tokens,

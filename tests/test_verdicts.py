@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mda.evaluate import arm_summary, targeted_vs_random
-from mda.verdicts import (NOT_SHOWN, NOT_SIGNIFICANT, NOT_TESTED, SUPPORTED, icl_verdict, targeted_verdict,
+from mda.evaluate.effects import arm_summary, targeted_vs_random
+from mda.evaluate.verdicts import (NOT_SHOWN, NOT_SIGNIFICANT, NOT_TESTED, SUPPORTED, icl_verdict, targeted_verdict,
                           verdicts)
 from tests.test_evaluate import effects_table
 

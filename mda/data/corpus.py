@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from mda.config import Corpus
-from mda.errors import MdaError
+from mda.core.config import Corpus
+from mda.core.errors import MdaError
 from mda.data import classify
 from mda.data.stream import StreamWriter, stream_table
-from mda.io import write_json, write_parquet
+from mda.core.io import write_json, write_parquet
 
 HELDOUT = "heldout.parquet"
 NO_DOMAIN = "pile"

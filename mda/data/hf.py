@@ -16,8 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mda.config import HfCorpus
-from mda.errors import MdaError
+from mda.core.config import HfCorpus
+from mda.core.errors import MdaError
 
 NO_DOMAIN = "hf"
 _TOKENIZE_BATCH = 64

@@ -19,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mda.errors import MdaError
-from mda.io import atomic_file
+from mda.core.errors import MdaError
+from mda.core.io import atomic_file
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mda.errors import MdaError
-from mda.io import atomic_file
+from mda.core.errors import MdaError
+from mda.core.io import atomic_file
 
 STREAM_SCHEMA = pa.schema([
     ("sample_id", pa.int64()),

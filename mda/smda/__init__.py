@@ -12,7 +12,7 @@ output-probability part (ΔY). The rooms, in pipeline order:
 - `policy`: features by mean-activation difference, the closed-form ridge policy;
 - `influence`: one SGD step per pair, ΔX / ΔY, ΔW_X / ΔW_Y, scores per pair / feature / pathway;
 - `curate`: the median rule, random controls, precision/recall against the ground truth;
-- `sft`: fine-tuning on a pair set through `mda.train.Trainer` (response tokens only);
+- `sft`: fine-tuning on a pair set through `mda.train.loop.Trainer` (response tokens only);
 - `evaluate`: soft and greedy refusal metrics over seeds;
 - `report`: the plots and the document (`reports/smda/`).
 """

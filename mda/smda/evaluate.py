@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mda.stats import t_interval
+from mda.evaluate.stats import t_interval
 
 SETS = ("full", "curated", "random", "oracle")
 METRICS = ("soft_correctness", "soft_precision", "soft_recall", "soft_f1",

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mda.errors import MdaError
+from mda.core.errors import MdaError
 from mda.smda.lm import LM, hidden_and_logprob, response_batch
 from mda.smda.sae import Sae
-from mda.lm import token_losses
+from mda.model.losses import token_losses
 
 
 # ----------------------------------------------------------------------------- the ridge derivatives

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mda.config import SmdaHub, SmdaModel
-from mda.errors import ConfigError, MdaError
+from mda.core.config import SmdaHub, SmdaModel
+from mda.core.errors import ConfigError, MdaError
 
 MODEL_REF = "model.json"
 
@@ -38,7 +38,7 @@ class LM:
     tokenizer: object
     chat_template: bool
     batch_size: int
-    rt: object  # mda.compute.Runtime
+    rt: object  # mda.core.compute.Runtime
 
     @property
     def hidden_size(self) -> int:
@@ -88,7 +88,7 @@ def load_base_model(model: SmdaModel, checkpoints: str | os.PathLike):
                                                         **_hub_kwargs(model.hub)).eval()
         except Exception as err:
             raise _hub_error(model.hub, err) from None
-    from mda.model import load_model, saved_steps, step_dir
+    from mda.model.neox import load_model, saved_steps, step_dir
 
     return load_model(step_dir(checkpoints, saved_steps(checkpoints)[-1]))
 

@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 from safetensors.numpy import load_file as load_arrays
 
-from mda.compute import runtime
-from mda.config import Params
-from mda.errors import MdaError
-from mda.io import read_json
+from mda.core.compute import runtime
+from mda.core.config import Params
+from mda.core.errors import MdaError
+from mda.core.io import read_json
 from mda.smda import curate as curation
 from mda.smda import evaluate as ev
 from mda.smda import lm as lms

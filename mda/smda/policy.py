@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mda.errors import ConfigError
+from mda.core.errors import ConfigError
 
 
 def mean_difference(z: np.ndarray, harmful: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The SMDA report (`reports/smda/`): what the SAE, the policy, the influence scores, the
-curation and the fine-tuning runs show, with the plots; rendered by `mda.report.Document`.
+curation and the fine-tuning runs show, with the plots; rendered by `mda.report.build.Document`.
 
 Split by job: `read_results` (I/O), the `plot_*` functions (figures), `build_report` (text and
 tables from the numbers; verdicts by fixed rules, never more than the numbers give).
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mda import plots
-from mda.errors import MdaError
-from mda.io import read_json
-from mda.fmt import fmt, with_ci
-from mda.report import Document
+from mda.core import plots
+from mda.core.errors import MdaError
+from mda.core.io import read_json
+from mda.evaluate.fmt import fmt, with_ci
+from mda.report.build import Document
 
 SET_COLOURS = {"full": "tab:gray", "curated": "tab:blue", "random": "lightcoral", "oracle": "tab:green"}
 TOP_PAIRS = 12
@@ -284,7 +284,7 @@ def build_report(r: dict, params_text: str, commit: str, out: Path) -> Document:
 
 def write_document(doc: Document, out: Path, title: str) -> None:
     """report.md (images linked next to it) and the self-contained report.html."""
-    from mda.io import atomic_file
+    from mda.core.io import atomic_file
 
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(doc.markdown())

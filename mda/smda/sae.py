@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mda.config import SmdaSae
-from mda.errors import MdaError
+from mda.core.config import SmdaSae
+from mda.core.errors import MdaError
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 ARCHITECTURES = ("topk", "standard", "jumprelu")

@@ -1,7 +1,7 @@
-"""Supervised fine-tuning on a set of pairs, through the one training loop (`mda.train.Trainer`).
+"""Supervised fine-tuning on a set of pairs, through the one training loop (`mda.train.loop.Trainer`).
 
 The loss is on the response tokens only: `Trainer.step` takes per-target-token weights (1 on
-response targets, 0 on prompt and padding targets; `mda.train.batch_loss`). The optimizer is
+response targets, 0 on prompt and padding targets; `mda.train.loop.batch_loss`). The optimizer is
 AdamW with the pretraining recipe's betas and eps, linear warm-up then cosine decay; each
 epoch visits the pairs in an order drawn from `(seed, epoch)`.
 """
@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from mda.config import Pretrain, SftRecipe
+from mda.core.config import Pretrain, SftRecipe
 from mda.smda.lm import LM, response_batch, seeded_order
-from mda.train import Trainer
+from mda.train.loop import Trainer
 
 
 def recipe(sft: SftRecipe) -> Pretrain:

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mda.config import SmdaTask
-from mda.errors import MdaError
+from mda.core.config import SmdaTask
+from mda.core.errors import MdaError
 
 PROMPT_OPEN, PROMPT_CLOSE = ("head", ":"), ("?", "\u21b5")
 COMPLY = "return"

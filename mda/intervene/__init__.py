@@ -1,0 +1,1 @@
+"""Counterfactual training: set selection, stream edits, synthetic motifs, retraining arms."""

@@ -1,0 +1,264 @@
+"""Stage `retrain`: counterfactual training from the window start with a stream edit.
+
+The run resumes the checkpoint at the window start (model, AdamW, schedule, RNG, data
+cursor), replays the recorded stream to the window end (+ `tail_steps`) with the arm's edit
+(`mda.intervene.edits`), and scores every head every `eval_every` steps with `mda.units.metrics`
+through `mda.units.locate.checkpoint_metrics` — the code `locate` uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from mda.core.identity import checkpoint_digest, describe_mismatch, files_digest, value_digest
+from mda.core.compute import check_batching, runtime
+from mda.core.config import Params, ProbeSettings
+from mda.data.corpus import read_heldout
+from mda.data.stream import Stream
+from mda.core.deps import code_version
+from mda.core.errors import MdaError
+from mda.intervene.edits import (StreamEdit, arm_set, augmentation, motif_profile, motif_rows,
+                               removal, upweighting)
+from mda.core.io import atomic_dir, clean_debris_in, read_json, write_json
+from mda.units.locate import checkpoint_metrics, probe_tokens
+from mda.model.neox import TRAINER_STATE, load_model, save_model, step_dir
+from mda.train.loop import Trainer, deterministic, resume
+
+
+def eval_probes(params: Params, config, vocab_size: int | None, seeds: list[int]) -> dict[int, torch.Tensor]:
+    """Per run seed s, the evaluation probe `retrain.probe` drawn with seed `retrain.probe.seed + s`
+    — a namespace of its own (checked in `mda.core.config`), so no arm is scored on the probe that chose
+    its head and window or on the sequences the influence scores were computed on."""
+    p = params.retrain.probe
+    return {s: probe_tokens(ProbeSettings(sequences=p.sequences, half_len=p.half_len, seed=p.seed + s),
+                            config, vocab_size) for s in seeds}
+
+
+def chosen_sets(sets: pd.DataFrame, params: Params, targets: dict) -> str:
+    """The target whose sets the arms use (params select.target)."""
+    names = sorted(sets.target.unique())
+    wanted = params.select.target
+    if wanted == "auto":
+        wanted = "union" if "union" in names else targets["heads"][0]["name"]
+    if wanted not in names:
+        raise MdaError(f"select.target: no sets for {wanted!r} (have: {', '.join(names)})")
+    return wanted
+
+
+def build_edit(arm: str, seed: int, params: Params, sets: pd.DataFrame, target: str, stream: Stream,
+               window: tuple[int, int]) -> StreamEdit:
+    start, end = window
+    if arm == "baseline":
+        return StreamEdit(summary={"rule": "no change"})
+    name = f"{target}:{arm_set(arm, seed)}"
+    chosen = sets[sets.set == name]
+    if chosen.empty:
+        raise MdaError(f"data/select/sets.parquet: no set {name!r} for arm {arm} seed {seed}; rerun select")
+    ids = set(chosen.sample_id.tolist())
+    rows = stream.read(start, end - 1, columns=["sample_id", "step", "batch_pos"]).to_pandas()
+    placement, copies = params.retrain.augment_placement, params.retrain.copies
+    if arm.startswith("remove"):
+        edit = removal(rows, ids, stream.batch_size)
+    elif placement == "upweight" and arm != "augment-synthetic":
+        edit = upweighting(rows, ids, stream.batch_size, copies)
+    else:
+        table = stream.read(start, end - 1, columns=["sample_id", "step", "input_ids"])
+        mask = np.isin(table.column("sample_id").to_numpy(), list(ids))
+        picked = table.filter(mask)
+        steps = picked.column("step").to_numpy()
+        tokens = np.stack(picked.column("input_ids").to_numpy(zero_copy_only=False))
+        if arm == "augment-synthetic":
+            profile = motif_profile(tokens[:1000])
+            tokens = motif_rows(profile, len(tokens), tokens.shape[1], seed)
+        # New rows have no weight of their own to raise: under `upweight` they go in place.
+        where = "in_place" if placement == "upweight" else placement
+        edit = augmentation(rows, list(zip(steps.tolist(), tokens)), ids, end - 1, copies, seed, where)
+        if arm == "augment-synthetic":
+            edit.summary["motifs"] = {"spans": int(len(profile["spans"])), "coverage": profile["coverage"]}
+    if arm.startswith("augment"):
+        edit.summary["augment_placement"] = placement  # the params value; `placement`: what this arm did
+    edit.summary.update(set=name, set_size=len(ids))
+    return edit
+
+
+def start_trainer(params: Params, checkpoints: str | os.PathLike, start: int, rt) -> tuple[Trainer, bool]:
+    """Resume at the window start; or, where no trainer state was saved (hub checkpoints) and
+    `retrain.fresh_optimizer` allows it, a fresh AdamW with warm-up (flagged)."""
+    path = step_dir(checkpoints, start)
+    if (path / TRAINER_STATE).is_file():
+        trainer, next_step = resume(path, params.pretrain, rt)
+        if next_step != start:
+            raise MdaError(f"{path / TRAINER_STATE}: data cursor at step {next_step}, expected {start}")
+        return trainer, False
+    if not params.retrain.fresh_optimizer:
+        raise MdaError(f"{path / TRAINER_STATE}: missing — the window start has no optimizer state "
+                       "(hub checkpoints never do); set retrain.fresh_optimizer: true to retrain with a "
+                       "fresh AdamW at the schedule's learning rate instead (flagged in the run; exact at step 0)")
+    model = load_model(path)
+    # Fresh AdamW moments, the learning rate the schedule has at `start` (exact at step 0, where
+    # Pythia's optimizer starts fresh too).
+    total = params.pretrain.total_steps or params.pretrain.warmup_steps + 10 ** 9
+    trainer = Trainer(model, params.pretrain, total_steps=total, rt=rt)
+    trainer.seek(start)
+    return trainer, True
+
+
+def arm_identity(params: Params, arm: str, seeds: list[int], edit: StreamEdit, checkpoints, stream: Stream,
+                 window: tuple[int, int], last: int) -> dict:
+    """What an arm's run depends on: a resumed run must continue the same one."""
+    return {"arm": arm, "seeds": seeds, "window": list(window), "last_step": last,
+            "start_checkpoint": checkpoint_digest(step_dir(checkpoints, window[0])),
+            "stream": files_digest(stream.parts(window[0], last)), "edit": value_digest(edit.summary),
+            "edit_rows": edit_digest(edit), "params": value_digest([params.retrain.model_dump(), params.pretrain.model_dump(),
+                                                                      params.locate.heldout_rows, params.locate.max_sequences,
+                                                                      params.compute.threads]),
+            "code": code_version("mda.intervene.retrain")}
+
+
+def edit_digest(edit: StreamEdit) -> str:
+    h = hashlib.sha256()
+    for step in sorted(edit.weights):
+        h.update(f"w{step}".encode() + edit.weights[step].tobytes())
+    for step in sorted(edit.replace):
+        for pos in sorted(edit.replace[step]):
+            h.update(f"r{step}:{pos}".encode() + np.asarray(edit.replace[step][pos], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+RESUME = "resume"
+
+
+def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_dir, checkpoints,
+            targets: dict, sets: pd.DataFrame, out: Path | None, vocab_size: int | None, work: Path) -> dict:
+    """Train one arm once; evaluate it with each of `seeds`' probes; rank 0 writes `out/` files.
+
+    `work` keeps a resume point (model, trainer state, the trajectory so far) at every
+    evaluation: a run killed anywhere continues from its last one when rerun with the same
+    inputs, and ends with the same bytes as an uninterrupted run."""
+    rt = runtime(params.compute)
+    deterministic(rt.device.type)
+    start, end = int(targets["window"]["start"]), int(targets["window"]["end"])
+    stream = Stream(Path(corpus_dir) / "stream")
+    check_batching(rt.world_size, rt.micro_batch, stream.batch_size)
+    last = end - 1 + params.retrain.tail_steps
+    if last > stream.last_step:
+        raise MdaError(f"retrain.tail_steps: the run would need stream step {last}; the stream ends at {stream.last_step}")
+    edit = build_edit(arm, edit_seed, params, sets, chosen_sets(sets, params, targets), stream, (start, end))
+    identity = arm_identity(params, arm, seeds, edit, checkpoints, stream, (start, end), last)
+    resumed = open_work(work, identity, rt)
+    if resumed:
+        trainer, first = resume(work / RESUME, params.pretrain, rt)
+        state = read_json(work / RESUME / "progress.json", "rerun the retrain stage")
+        rows = [pd.read_parquet(work / RESUME / "trajectory.parquet")]
+        losses, reproduces, fresh = [tuple(x) for x in state["losses"]], state["reproduces"], state["fresh"]
+        print(f"{work}: resuming at step {first}", flush=True)
+    else:
+        (trainer, fresh), first = start_trainer(params, checkpoints, start, rt), start
+        rows, losses, reproduces = [], [], None
+    model = rt.prepare(trainer.model)
+    probes = eval_probes(params, model.config, vocab_size, seeds)
+    heldout = torch.from_numpy(read_heldout(corpus_dir, params.locate.heldout_rows))
+
+    def evaluate(step: int) -> None:
+        if rt.is_main:
+            model.eval()
+            model_row = None  # held-out loss and ICL do not depend on the probe seed: once per step
+            for seed, probe in probes.items():
+                heads, row = checkpoint_metrics(model, probe, heldout if model_row is None else None,
+                                                params.locate.max_sequences, full=False)
+                model_row = model_row or row
+                rows.append(heads.assign(step=step, seed=seed, **model_row))
+        rt.barrier()
+
+    def checkpoint(step: int) -> None:
+        if rt.is_main:
+            with atomic_dir(work / RESUME) as tmp:
+                save_model(model, tmp)
+                torch.save(trainer.state_dict(next_step=step), tmp / TRAINER_STATE)
+                pd.concat(rows, ignore_index=True).to_parquet(tmp / "trajectory.parquet", index=False)
+                write_json(tmp / "progress.json", {"losses": [list(x) for x in losses], "reproduces": reproduces,
+                                                   "fresh": fresh})
+        rt.barrier()
+
+    def before_step(step: int) -> None:
+        nonlocal reproduces
+        if (step - start) % params.retrain.eval_every == 0 and not (resumed and step == first):
+            evaluate(step)
+            checkpoint(step)
+        if step == end and arm == "baseline" and not fresh:
+            reproduces = same_weights(model, step_dir(checkpoints, end))
+
+    replay(trainer, stream, edit, first, last, losses, before_step, desc=f"retrain {arm}")
+    evaluate(last + 1)
+    if last + 1 == end and arm == "baseline" and not fresh:
+        reproduces = same_weights(model, step_dir(checkpoints, end))
+    meta = {"arm": arm, "seeds": seeds, "edit_seed": edit_seed, "window": [start, end], "last_step": last,
+            "fresh_optimizer": fresh, "edit": edit.summary, "reproduces_original": reproduces,
+            "threads": params.compute.threads}
+    if rt.is_main:
+        save_model(model, out / "model")
+        trajectory = pd.concat(rows, ignore_index=True)
+        cols = ["step", "seed", "layer", "head"]
+        trajectory = trajectory[cols + [c for c in trajectory if c not in cols]]
+        trajectory.to_parquet(out / "trajectory.parquet", index=False)
+        pd.DataFrame(losses, columns=["step", "loss"]).to_parquet(out / "losses.parquet", index=False)
+    return meta
+
+
+def replay(trainer: Trainer, stream: Stream, edit: StreamEdit, first: int, last: int, losses: list,
+           before_step: Callable[[int], None] | None = None, desc: str = "retrain") -> None:
+    """The retraining loop (every arm's and every LDS subset's): the recorded stream's steps
+    first..last with `edit` applied, one `Trainer.step` each, appending (step, loss) to `losses`;
+    `before_step(step)` runs ahead of each update (evaluations, resume points)."""
+    for step, ids, _ in tqdm(stream.batches(first, last), total=last - first + 1, desc=desc,
+                             unit="step", disable=not trainer.rt.is_main):
+        if before_step is not None:
+            before_step(step)
+        ids, weights = edit.apply(step, ids)
+        loss = trainer.step(torch.as_tensor(ids), None if weights is None else torch.from_numpy(weights))
+        losses.append((step, loss))
+
+
+def train_edit(params: Params, checkpoints, stream: Stream, window: tuple[int, int], edit: StreamEdit,
+               rt, desc: str = "retrain") -> tuple[torch.nn.Module, bool]:
+    """(the model at the window end, fresh optimizer?) after training from the window start
+    (`start_trainer`) through `replay` with `edit` — an arm's run without its evaluations and
+    resume points (the LDS stage's unit of work). `window`: stream steps [start, end)."""
+    torch.use_deterministic_algorithms(True, warn_only=rt.device.type == "cuda")
+    (trainer, fresh), (start, end) = start_trainer(params, checkpoints, window[0], rt), window
+    rt.prepare(trainer.model)
+    replay(trainer, stream, edit, start, end - 1, [], desc=desc)
+    return trainer.model, fresh
+
+
+def open_work(work: Path, identity: dict, rt) -> bool:
+    """Whether `work` holds a resume point of this very run; otherwise empty it (one line if it
+    held another run's) and record `identity`."""
+    resumable = False
+    if rt.is_main:
+        clean_debris_in(work)
+        stored = read_json(work / "identity.json", "") if (work / "identity.json").is_file() else None
+        resumable = stored == {"identity": identity} and (work / RESUME).is_dir()
+        if not resumable:
+            if stored is not None and (work / RESUME).is_dir():
+                print(f"{work}: a resume point of another run ({describe_mismatch(stored.get('identity'), identity)} "
+                      "differ); starting over", flush=True)
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            write_json(work / "identity.json", {"identity": identity})
+    return bool(rt.broadcast_object(resumable))
+
+
+def same_weights(model, checkpoint: Path) -> bool:
+    """Bit-for-bit equality with the saved checkpoint's weights."""
+    original = load_model(checkpoint).state_dict()
+    return all(torch.equal(t.cpu(), original[k]) for k, t in model.state_dict().items())

@@ -1,0 +1,1 @@
+"""The answer, readable: the document renderer, the report builder, figures, the token view."""
