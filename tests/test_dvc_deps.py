@@ -2,7 +2,7 @@
 change that alters results:
 
 - code: every `mda`/`stages` module a stage's entry point imports, transitively (read from
-  the source by `mda.core.deps.module_closure`, imports inside functions included), is a dep of
+  the source by `mda.core.identity.module_closure`, imports inside functions included), is a dep of
   the stage (the file or a folder above it);
 - params: every key a stage reads — recorded while the stages really run (`MDA_RECORD_PARAMS`,
   see `mda.core.cli`) on the quick preset and on the other sources (Pythia `.bin/.idx`, local
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mda.core.deps import PACKAGE_ROOT, module_closure
+from mda.core.identity import PACKAGE_ROOT, module_closure
 from tests.conftest import (REPO, TINY, add_revision, deep_update, make_pipeline_repo, run_stage, set_params,
                             tiny_model)
 

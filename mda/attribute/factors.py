@@ -11,10 +11,9 @@ import math
 import os
 from pathlib import Path
 
-from mda.core.identity import describe_mismatch
+from mda.core.identity import code_version, describe_mismatch
 from mda.core.config import Influence
 from mda.data.stream import Stream
-from mda.core.deps import code_version
 from mda.core.errors import MdaError
 from mda.attribute.ekfac import BlockFactors, fit_ekfac
 from mda.attribute.window import Setup, WindowBatches, stream_key

@@ -20,10 +20,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mda.core.identity import describe_mismatch
+from mda.core.identity import code_version, describe_mismatch
 from mda.core.config import Influence
 from mda.data.stream import Stream
-from mda.core.deps import code_version
 from mda.core.errors import MdaError
 from mda.model.heads import Block
 from mda.attribute.capture import capture_batch, per_sample_gradients

@@ -36,10 +36,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from mda.core.identity import checkpoint_digest, describe_mismatch, files_digest, value_digest
+from mda.core.identity import checkpoint_digest, code_version, describe_mismatch, files_digest, value_digest
 from mda.core.config import Params, ProbeSettings
 from mda.data.stream import Stream
-from mda.core.deps import code_version
 from mda.core.errors import MdaError
 from mda.model.heads import Head
 from mda.attribute.preconditioners import ESTIMATORS, preconditioners

@@ -19,12 +19,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from mda.core.identity import checkpoint_digest, describe_mismatch, files_digest, value_digest
+from mda.core.identity import checkpoint_digest, code_version, describe_mismatch, files_digest, value_digest
 from mda.core.compute import check_batching, runtime
 from mda.core.config import Params, ProbeSettings
 from mda.data.corpus import read_heldout
 from mda.data.stream import Stream
-from mda.core.deps import code_version
 from mda.core.errors import MdaError
 from mda.intervene.edits import (StreamEdit, arm_set, augmentation, motif_profile, motif_rows,
                                removal, upweighting)

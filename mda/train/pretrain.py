@@ -12,11 +12,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from mda.core.identity import describe_mismatch, file_digest, files_digest, value_digest
+from mda.core.identity import code_version, describe_mismatch, file_digest, files_digest, value_digest
 from mda.core.compute import check_batching, runtime
 from mda.core.config import Params
 from mda.data.stream import Stream
-from mda.core.deps import code_version
 from mda.core.errors import ConfigError, MdaError
 from mda.core.io import atomic_dir, clean_debris_in, read_json, write_json
 from mda.model.neox import (TRAINER_STATE, hub_initial_model, neox_config, new_model, save_model, saved_steps,
