@@ -172,7 +172,7 @@ def bergson_side(model, head, blocks, probe, probe_tokens, factor_rows, train_ro
     from bergson.config import HessianConfig, InversionConfig
     from bergson.hessians.hessian_approximations import fit_factored_hessians
     from bergson.hessians.preconditioner import FactoredPreconditioner
-    from mda.attribute.probes import PROBES
+    from mda.units.probes import PROBES
 
     began = time.perf_counter()
     split, names = split_model(model, head, blocks)
@@ -223,13 +223,11 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def compare(inf, s, factor_source, factor_rows, train_rows, modes: list[str], workdir: Path) -> dict:
-    from mda.attribute.probes import probe_gradient
-    from mda.units.locate import probe_tokens
-    from mda.core.config import ProbeSettings
+    from mda.attribute.probe_gradient import probe_gradient
+    from mda.units.probes import influence_probe
 
     head, blocks = s.heads[0], [b.name.split("/")[1] for b in s.all_blocks]
-    tokens = probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
-                                        seed=inf.probe_seed), s.model.config, None).to(s.rt.device)
+    tokens = influence_probe(inf, s.model.config).to(s.rt.device)
     split, _ = split_model(s.model, head, blocks)
     with torch.no_grad():
         logit_diff = (split(input_ids=train_rows[:8].to(s.rt.device)).logits

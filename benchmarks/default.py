@@ -340,15 +340,15 @@ def profile_evaluation(params, vocab: int, reps: int) -> dict:
 
     from mda.core.io import atomic_dir, write_json
     from mda.model.losses import token_losses
-    from mda.units.locate import HELDOUT_ROWS_PER_FORWARD, checkpoint_metrics
+    from mda.units.measure import HELDOUT_ROWS_PER_FORWARD, checkpoint_metrics
     from mda.model.neox import TRAINER_STATE, save_model
-    from mda.intervene.retrain import eval_probes
+    from mda.units.probes import evaluation_probes
     from mda.units.metrics import attention_patterns
 
     trainer = default_trainer(params, vocab)
     model = trainer.model.eval()
     seeds = list(params.retrain.seeds)
-    probes = eval_probes(params, model.config, vocab, seeds)
+    probes = evaluation_probes(params, model.config, vocab, seeds)
     probe = probes[seeds[0]]
     heldout = random_rows(params, vocab, params.locate.heldout_rows, 3)
     ms = params.locate.max_sequences
@@ -404,10 +404,11 @@ def profile_checkpoint(params, vocab: int, reps: int) -> dict:
 
     from mda.core.io import atomic_dir, write_json
     from mda.model.neox import TRAINER_STATE, save_model
-    from mda.train.pretrain import induction_probe_tokens, induction_scores
+    from mda.train.pretrain import induction_scores
+    from mda.units.probes import pretraining_probe
 
     trainer = default_trainer(params, vocab)
-    probe = induction_probe_tokens(params, vocab, (0, 1))
+    probe = pretraining_probe(params, vocab, (0, 1))
     work = Path(tempfile.mkdtemp())
 
     def save():
@@ -601,12 +602,12 @@ def lever_probe_batch(params, vocab: int, reps: int) -> dict:
     import numpy as np
     import torch
 
-    from mda.units.locate import checkpoint_metrics
-    from mda.intervene.retrain import eval_probes
+    from mda.units.measure import checkpoint_metrics
+    from mda.units.probes import evaluation_probes
     from mda.units.metrics import ATTENTION_METRICS, attention_patterns
 
     model = default_trainer(params, vocab).model.eval()
-    probes = eval_probes(params, model.config, vocab, list(params.retrain.seeds))
+    probes = evaluation_probes(params, model.config, vocab, list(params.retrain.seeds))
     ms = params.locate.max_sequences
 
     def per_seed():
@@ -630,7 +631,7 @@ def lever_probe_batch(params, vocab: int, reps: int) -> dict:
 
 def lever_heldout_chunks(params, vocab: int, reps: int) -> dict:
     """Held-out token losses in one forward (locate.max_sequences = 1024 > 256 rows: before) vs
-    chunks (16: now, `mda.units.locate.HELDOUT_ROWS_PER_FORWARD`)."""
+    chunks (16: now, `mda.units.measure.HELDOUT_ROWS_PER_FORWARD`)."""
     import torch
 
     from mda.model.losses import token_losses

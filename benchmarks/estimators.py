@@ -124,11 +124,10 @@ def fd(args) -> None:
     import pandas as pd
     import torch
 
-    from mda.core.config import ProbeSettings
     from mda.model.heads import Head
-    from mda.attribute.probes import PROBES
+    from mda.units.probes import PROBES
     from mda.intervene.edits import StreamEdit
-    from mda.units.locate import probe_tokens
+    from mda.units.probes import influence_probe
     from mda.intervene.retrain import train_edit
 
     run = Path(args.run).resolve()
@@ -144,8 +143,7 @@ def fd(args) -> None:
         w[int(rows.batch_pos[sample])] = weight
         model, _ = train_edit(params, run / "data/checkpoints", stream, window,
                               StreamEdit(weights={int(rows.step[sample]): w}), rt, desc=f"fd sample {sample} w={weight}")
-        tokens = probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
-                                            seed=inf.probe_seed), model.config, None)
+        tokens = influence_probe(inf, model.config)
         with torch.no_grad():
             return PROBES["induction"](model.eval(), tokens, head).item()
 

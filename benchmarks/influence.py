@@ -134,12 +134,10 @@ class Child:
         return self.torch.cat([ids for _, ids, _ in batches.read(self.stream)])
 
     def probe_tokens(self):
-        from mda.core.config import ProbeSettings
-        from mda.units.locate import probe_tokens
+        from mda.units.probes import influence_probe
 
         inf = self.inf
-        return probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
-                                          seed=inf.probe_seed), self.s.model.config, None)
+        return influence_probe(inf, self.s.model.config)
 
 
 def phase_plain(c: Child) -> dict:
@@ -210,7 +208,7 @@ def _kronfluence(c: Child):
     from kronfluence.task import Task
 
     from mda.attribute.capture import sequence_losses
-    from mda.attribute.probes import PROBES
+    from mda.units.probes import PROBES
 
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     head = c.s.heads[0]

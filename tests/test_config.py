@@ -135,13 +135,13 @@ def test_evaluation_probes_share_no_sequence_with_the_probes_that_chose_and_scor
     from types import SimpleNamespace
 
     from mda.core.config import ProbeSettings
-    from mda.units.locate import probe_tokens
-    from mda.intervene.retrain import eval_probes
+    from mda.units.probes import probe_tokens
+    from mda.units.probes import evaluation_probes
 
     params = load_params(REPO / "presets/power.yaml")
     config = SimpleNamespace(vocab_size=2067, bos_token_id=0, eos_token_id=1)
     rows = lambda t: {tuple(r) for r in t.tolist()}
-    evaluation = set().union(*(rows(t) for t in eval_probes(params, config, None, params.retrain.seeds).values()))
+    evaluation = set().union(*(rows(t) for t in evaluation_probes(params, config, None, params.retrain.seeds).values()))
     inf = params.influence
     chose_or_scored = rows(probe_tokens(params.locate.probe, config, None))
     for seed in [inf.probe_seed, *inf.overlap_seeds]:

@@ -18,8 +18,9 @@ from mda.core.errors import MdaError
 from mda.model.heads import Head, head_blocks, module_blocks
 from mda.attribute.ekfac import fit_ekfac
 from mda.attribute.capture import Projector, capture_batch, per_sample_gradients, sequence_losses
-from mda.attribute.probes import PROBES, probe_gradient
-from mda.units.metrics import repeated_random_tokens
+from mda.attribute.probe_gradient import probe_gradient
+from mda.units.probes import PROBES
+from mda.units.probes import repeated_random_tokens
 from tests.conftest import run_stage, set_params
 
 VOCAB = 40
@@ -230,7 +231,7 @@ def test_scores_from_cache_predict_what_a_preconditioned_step_on_the_sample_does
     from mda.attribute.gradient_cache import cache_gradients
     from mda.attribute.scoring import preconditioned_probe, scores_from_cache
     from mda.attribute.window import setup
-    from mda.units.locate import probe_tokens
+    from mda.units.probes import probe_tokens
     from mda.model.neox import load_model, neox_config, new_model, save_model, step_dir
 
     vocab = build_corpus(tiny_params.corpus, tmp_path / "corpus")["vocab_size"]

@@ -81,8 +81,9 @@ from mda.model.heads import Head, module_blocks
 from mda.model import losses as lm
 from mda.attribute.ekfac import fit_ekfac
 from mda.attribute.capture import capture_batch, per_sample_gradients
-from mda.attribute.probes import PROBES, probe_gradient
-from mda.units.metrics import repeated_random_tokens
+from mda.attribute.probe_gradient import probe_gradient
+from mda.units.probes import PROBES
+from mda.units.probes import repeated_random_tokens
 
 VOCAB, HIDDEN, LAYERS, HEADS = 40, 16, 2, 2
 SEQ_LEN = 16             # tokens per training sequence fed to the model (ids are SEQ_LEN + 1)

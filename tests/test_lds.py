@@ -132,10 +132,10 @@ def retrain_by_hand(repo, targets, removed: set[int], params):
 
 @pytest.mark.slow
 def test_lds_stage_end_to_end_resumes_and_is_off_by_default(influence_repo):
-    from mda.core.config import ProbeSettings, load_params
+    from mda.core.config import load_params
     from mda.model.heads import Head
-    from mda.attribute.probes import PROBES
-    from mda.units.locate import probe_tokens
+    from mda.units.probes import PROBES
+    from mda.units.probes import influence_probe
 
     repo = influence_repo
     # Off (the default): one small summary, nothing retrained.
@@ -177,8 +177,7 @@ def test_lds_stage_end_to_end_resumes_and_is_off_by_default(influence_repo):
     params = load_params(repo / "params.yaml")
     model = retrain_by_hand(repo, targets, set(subsets[subsets.subset == 1].sample_id.tolist()), params)
     inf = params.influence
-    tokens = probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
-                                        seed=inf.probe_seed), model.config, None)
+    tokens = influence_probe(inf, model.config)
     h = targets["heads"][0]
     with torch.no_grad():
         f = PROBES[summary["probe"]](model, tokens, Head(h["layer"], h["head"])).item()

@@ -177,7 +177,7 @@ def test_locate_runs_on_hub_downloaded_checkpoints(tmp_path, cache, tiny_params)
     """Pythia revisions fetched from a (local, fake) hub cache are scanned like local ones: every
     row of the heads table holds the metrics of that head of that revision's hub model."""
     from mda.core.config import HubModel
-    from mda.units.locate import probe_tokens
+    from mda.units.probes import probe_tokens
     from mda.model.neox import download_hub_checkpoints
 
     cache_dir, hub_models = cache

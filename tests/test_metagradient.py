@@ -12,9 +12,9 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from mda.core.config import Pretrain
 from mda.model.heads import Head
 from mda.attribute.metagradient import from_trainer, metagradients, replay_window, window_batches
-from mda.attribute.probes import PROBES
+from mda.units.probes import PROBES
 from mda.train.loop import Trainer
-from mda.units.metrics import repeated_random_tokens
+from mda.units.probes import repeated_random_tokens
 
 VOCAB, ROWS, ROW_LEN = 40, 4, 13
 # Clipping at 0.5 is active in most steps of this tiny model, so its derivative is exercised too.
@@ -152,10 +152,10 @@ def test_scores_stage_runs_every_estimator_and_exact_matches_retraining(located)
 
     import pandas as pd
 
-    from mda.core.config import ProbeSettings, load_params
+    from mda.core.config import load_params
     from mda.data.stream import Stream
     from mda.intervene.edits import StreamEdit
-    from mda.units.locate import probe_tokens
+    from mda.units.probes import influence_probe
     from mda.intervene.retrain import train_edit
     from mda.train.loop import deterministic
     from tests.conftest import run_stage, set_params
@@ -195,8 +195,7 @@ def test_scores_stage_runs_every_estimator_and_exact_matches_retraining(located)
         w[rows.batch_pos[sample]] = weight
         model, _ = train_edit(params, repo / "data/checkpoints", stream, (start, end),
                               StreamEdit(weights={int(rows.step[sample]): w}), rt)
-        tokens = probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
-                                            seed=inf.probe_seed), model.config, None)
+        tokens = influence_probe(inf, model.config)
         with torch.no_grad():
             return PROBES["induction"](model.eval(), tokens, head).item()
 

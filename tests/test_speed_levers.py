@@ -12,7 +12,8 @@ import torch
 
 from mda.core.config import ProbeSettings
 from mda.model.losses import token_losses
-from mda.units.locate import checkpoint_metrics, probe_tokens
+from mda.units.measure import checkpoint_metrics
+from mda.units.probes import probe_tokens
 from mda.model.neox import neox_config, new_model
 from mda.train.loop import Trainer, deterministic
 
@@ -121,7 +122,7 @@ def test_no_nan_fill_trains_and_evaluates_to_the_same_bits(params):
 def test_heldout_loss_in_chunks_is_the_one_forward_loss(params, n_threads):
     """`checkpoint_metrics` scores held-out rows HELDOUT_ROWS_PER_FORWARD at a time; the reference
     is one forward of all rows (what it did before), on the default model and held-out size."""
-    from mda.units.locate import HELDOUT_ROWS_PER_FORWARD
+    from mda.units.measure import HELDOUT_ROWS_PER_FORWARD
     from mda.units.metrics import icl_score
 
     model = default_trainer(params).model.eval()

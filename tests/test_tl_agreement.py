@@ -65,8 +65,8 @@ from mda.units.metrics import (
     duplicate_token_detection,
     induction_detection,
     previous_token_detection,
-    repeated_random_tokens,
 )
+from mda.units.probes import repeated_random_tokens
 
 VOCAB = 60
 HEADS = 4

@@ -9,7 +9,7 @@ import torch
 from mda.core.compute import Runtime
 from mda.core.config import Influence
 from mda.core.errors import MdaError
-from mda.model.heads import Head
+
 from mda.attribute.trajectory import segments, trajectory_scores
 
 RT = Runtime(device=torch.device("cpu"), dtype=torch.float32, micro_batch=None, threads=1)

@@ -11,8 +11,8 @@ from mda.model.heads import Head, block_rows, block_weight, qkv_rows
 from mda.units.metrics import (attention_patterns, copying_score, detection_score, duplicate_token_detection,
                        duplicate_token_score, head_ablation_logprobs, icl_positions, icl_score,
                        induction_detection, induction_target_logprob, induction_targets,
-                       prefix_matching_score, previous_token_score, repeated_random_tokens,
-                       uniform_baseline)
+                       prefix_matching_score, previous_token_score, uniform_baseline)
+from mda.units.probes import repeated_random_tokens
 
 
 def patterns_from(rows):

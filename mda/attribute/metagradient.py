@@ -41,7 +41,7 @@ from mda.core.config import Pretrain
 from mda.data.stream import Stream
 from mda.core.errors import MdaError
 from mda.model.heads import Head
-from mda.attribute.probes import PROBES
+from mda.units.probes import PROBES
 from mda.model.losses import fits
 from mda.train.loop import Trainer, batch_loss, lr_factor
 
@@ -241,8 +241,7 @@ def exact_scores(replay: Replay, start: State, batches: dict, probe: str, tokens
 def window_metagradients(params, checkpoints, targets: dict, stream: Stream, s) -> pd.DataFrame:
     """The scores stage's `exact` estimator: (sample_id, head, score) for every window sample,
     replaying the window from its start checkpoint's trainer state (one process)."""
-    from mda.core.config import ProbeSettings
-    from mda.units.locate import probe_tokens
+    from mda.units.probes import influence_probe
     from mda.model.neox import step_dir
     from mda.train.loop import resume
 
@@ -254,7 +253,6 @@ def window_metagradients(params, checkpoints, targets: dict, stream: Stream, s) 
         raise MdaError(f"{step_dir(checkpoints, start)}: data cursor at step {next_step}, expected {start}")
     replay, state = from_trainer(trainer, start)
     inf = params.influence
-    tokens = probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
-                                        seed=inf.probe_seed), replay.model.config, None)
+    tokens = influence_probe(inf, replay.model.config)
     return exact_scores(replay, state, window_batches(stream, start, end - 1), s.probe, tokens.to(s.rt.device),
                         s.heads, inf.exact_segment)

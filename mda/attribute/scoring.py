@@ -23,22 +23,21 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mda.core.config import Influence, ProbeSettings
+from mda.core.config import Influence
 from mda.data.stream import Stream
 from mda.core.errors import MdaError
 from mda.attribute.ekfac import BlockFactors
 from mda.attribute.gradient_cache import batch_gradients, gradient_identity, read_manifest
-from mda.attribute.probes import probe_gradient
+from mda.attribute.probe_gradient import probe_gradient
 from mda.attribute.window import Setup, WindowBatches
 
 
 # ----------------------------------------------------------------------------- scores
 def preconditioned_probe(inf: Influence, s: Setup, factors: dict[str, BlockFactors]) -> dict[str, torch.Tensor]:
     """H⁻¹ ∇θₕ f per block (float64, CPU), each head's probe gradient taken w.r.t. its own blocks."""
-    from mda.units.locate import probe_tokens
+    from mda.units.probes import influence_probe
 
-    tokens = probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
-                                        seed=inf.probe_seed), s.model.config, None)
+    tokens = influence_probe(inf, s.model.config)
     out = {}
     for head in s.heads:
         with s.rt.autocast():

@@ -37,17 +37,18 @@ import torch
 from tqdm import tqdm
 
 from mda.core.identity import checkpoint_digest, code_version, describe_mismatch, files_digest, value_digest
-from mda.core.config import Params, ProbeSettings
+from mda.core.config import Params
 from mda.data.stream import Stream
 from mda.core.errors import MdaError
 from mda.model.heads import Head
 from mda.attribute.preconditioners import ESTIMATORS, preconditioners
-from mda.attribute.probes import PROBES
+from mda.units.probes import PROBES
 from mda.intervene.edits import removal
 from mda.core.io import clean_debris_in, read_json, write_json
-from mda.units.locate import checkpoint_metrics, probe_tokens
+from mda.units.measure import checkpoint_metrics
 from mda.model.neox import load_model, step_dir
-from mda.intervene.retrain import eval_probes, train_edit
+from mda.intervene.retrain import train_edit
+from mda.units.probes import evaluation_probes, influence_probe
 
 OUTPUTS = {"probe": "influence probe f", "target_score": "target head's score"}
 """What is measured per subset at the window end (column `<output>_change` of the table)."""
@@ -131,11 +132,6 @@ def estimator_scores(inf, s, stream: Stream, gradients: str | os.PathLike, facto
 
 
 # ----------------------------------------------------------------------------- measurements
-def influence_probe_tokens(params: Params, config) -> torch.Tensor:
-    """The probe tokens the scores differentiate f on (`scoring.preconditioned_probe`'s)."""
-    inf = params.influence
-    return probe_tokens(ProbeSettings(sequences=inf.probe_sequences, half_len=inf.probe_half_len,
-                                      seed=inf.probe_seed), config, None)
 
 
 @torch.no_grad()
@@ -218,8 +214,8 @@ def subset_outcomes(params: Params, checkpoints, corpus_dir, targets: dict, prob
     unedited, settings = {}, None
     if rt.is_main:  # measurements are made once, on rank 0
         end_model = rt.prepare(load_model(step_dir(checkpoints, end)))
-        settings = (probe, influence_probe_tokens(params, end_model.config),
-                    eval_probes(params, end_model.config, vocab, [0])[0],  # the arms' seed-0 evaluation probe
+        settings = (probe, influence_probe(params.influence, end_model.config),
+                    evaluation_probes(params, end_model.config, vocab, [0])[0],  # the arms' seed-0 evaluation probe
                     heads, targets["metric"], params.locate.max_sequences)
         unedited = measure(end_model, *settings)
         del end_model

@@ -3,7 +3,7 @@
 The run resumes the checkpoint at the window start (model, AdamW, schedule, RNG, data
 cursor), replays the recorded stream to the window end (+ `tail_steps`) with the arm's edit
 (`mda.intervene.edits`), and scores every head every `eval_every` steps with `mda.units.metrics`
-through `mda.units.locate.checkpoint_metrics` — the code `locate` uses.
+through `mda.units.measure.checkpoint_metrics` — the code `locate` uses.
 """
 
 from __future__ import annotations
@@ -21,25 +21,19 @@ from tqdm import tqdm
 
 from mda.core.identity import checkpoint_digest, code_version, describe_mismatch, files_digest, value_digest
 from mda.core.compute import check_batching, runtime
-from mda.core.config import Params, ProbeSettings
+from mda.core.config import Params
 from mda.data.corpus import read_heldout
 from mda.data.stream import Stream
 from mda.core.errors import MdaError
 from mda.intervene.edits import (StreamEdit, arm_set, augmentation, motif_profile, motif_rows,
                                removal, upweighting)
 from mda.core.io import atomic_dir, clean_debris_in, read_json, write_json
-from mda.units.locate import checkpoint_metrics, probe_tokens
+from mda.units.measure import checkpoint_metrics
+from mda.units.probes import evaluation_probes
 from mda.model.neox import TRAINER_STATE, load_model, save_model, step_dir
 from mda.train.loop import Trainer, deterministic, resume
 
 
-def eval_probes(params: Params, config, vocab_size: int | None, seeds: list[int]) -> dict[int, torch.Tensor]:
-    """Per run seed s, the evaluation probe `retrain.probe` drawn with seed `retrain.probe.seed + s`
-    — a namespace of its own (checked in `mda.core.config`), so no arm is scored on the probe that chose
-    its head and window or on the sequences the influence scores were computed on."""
-    p = params.retrain.probe
-    return {s: probe_tokens(ProbeSettings(sequences=p.sequences, half_len=p.half_len, seed=p.seed + s),
-                            config, vocab_size) for s in seeds}
 
 
 def chosen_sets(sets: pd.DataFrame, params: Params, targets: dict) -> str:
@@ -164,7 +158,7 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
         (trainer, fresh), first = start_trainer(params, checkpoints, start, rt), start
         rows, losses, reproduces = [], [], None
     model = rt.prepare(trainer.model)
-    probes = eval_probes(params, model.config, vocab_size, seeds)
+    probes = evaluation_probes(params, model.config, vocab_size, seeds)
     heldout = torch.from_numpy(read_heldout(corpus_dir, params.locate.heldout_rows))
 
     def evaluate(step: int) -> None:

@@ -21,7 +21,8 @@ from mda.core.io import atomic_dir, clean_debris_in, read_json, write_json
 from mda.model.neox import (TRAINER_STATE, hub_initial_model, neox_config, new_model, save_model, saved_steps,
                        step_dir)
 from mda.train.loop import Trainer, deterministic, pythia_save_steps, resume, train_steps
-from mda.units.metrics import attention_patterns, prefix_matching_score, repeated_random_tokens
+from mda.units.metrics import attention_patterns, prefix_matching_score
+from mda.units.probes import pretraining_probe
 
 
 @dataclass
@@ -32,9 +33,6 @@ class PretrainLog:
     induction: dict[int, list[list[float]]] = field(default_factory=dict)  # step -> [layer][head]
 
 
-def induction_probe_tokens(params: Params, vocab_size: int, special_ids: tuple[int, ...]) -> torch.Tensor:
-    p = params.pretrain.probe
-    return repeated_random_tokens(vocab_size, p.sequences, p.half_len, p.seed, exclude=special_ids)
 
 
 def induction_scores(model, probe_tokens: torch.Tensor) -> torch.Tensor:
@@ -109,7 +107,7 @@ def pretrain(params: Params, corpus_dir: str | os.PathLike, out: str | os.PathLi
     # Pythia's own initial weights are fetched (and their shape checked) before anything is written.
     hub_initial = hub_initial_model(params.model.hub, params.model) if params.pretrain.init == "hub" else None
     done = open_run(out, pretrain_identity(params, corpus_dir), rt)
-    probe = induction_probe_tokens(params, config.vocab_size, special_ids=(0, 1))
+    probe = pretraining_probe(params, config.vocab_size, special_ids=(0, 1))
     total = params.pretrain.total_steps or last
     save_steps = set(pythia_save_steps(last, params.pretrain.save_every))
     log = PretrainLog()
@@ -167,6 +165,6 @@ def checkpoint_induction_scores(params: Params, root: str | os.PathLike) -> dict
         model = load_model(step_dir(root, step))
         if probe is None:  # one vocabulary for all revisions of a model
             special = tuple(sorted({model.config.bos_token_id, model.config.eos_token_id} - {None}))
-            probe = induction_probe_tokens(params, model.config.vocab_size, special)
+            probe = pretraining_probe(params, model.config.vocab_size, special)
         out[step] = induction_scores(model, probe).tolist()
     return out

@@ -33,24 +33,6 @@ ICL_LATE_INDEX, ICL_EARLY_INDEX, ICL_CONTEXT = 500, 50, 501
 over the first 50 tokens instead; mda uses Olsson's definition, see README.)"""
 
 
-# ----------------------------------------------------------------------------- inputs
-def repeated_random_tokens(vocab_size: int, sequences: int, half_len: int, seed: int,
-                           exclude: tuple[int, ...] = ()) -> torch.Tensor:
-    """(sequences, 2·half_len) token ids: a random half, then the same half again.
-
-    Tokens within a half are distinct (drawn without replacement from the vocabulary
-    minus `exclude`), so every position of the second copy has one unambiguous
-    earlier occurrence.
-    """
-    allowed = torch.tensor(sorted(set(range(vocab_size)) - set(exclude)), dtype=torch.long)
-    if len(allowed) < half_len:
-        raise ValueError(f"vocabulary of {len(allowed)} usable tokens is smaller than half_len {half_len}")
-    gen = torch.Generator().manual_seed(seed)
-    halves = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:half_len]]
-                          for _ in range(sequences)])
-    return torch.cat([halves, halves], dim=1)
-
-
 @contextmanager
 def eager_attention(model):
     """Attention patterns need the eager kernel (fused kernels never form them): switch to it for
