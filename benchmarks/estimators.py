@@ -56,7 +56,7 @@ def phase(name: str, run: Path, out: Path) -> None:
     extra = {}
     if name == "retrain":
         from mda.intervene.edits import StreamEdit
-        from mda.intervene.retrain import train_edit
+        from mda.intervene.replay import train_edit
         began = time.perf_counter()
         train_edit(params, checkpoints, stream, window, StreamEdit(summary={"rule": "no change"}), rt)
     elif name == "exact":
@@ -128,7 +128,7 @@ def fd(args) -> None:
     from mda.units.probes import PROBES
     from mda.intervene.edits import StreamEdit
     from mda.units.probes import influence_probe
-    from mda.intervene.retrain import train_edit
+    from mda.intervene.replay import train_edit
 
     run = Path(args.run).resolve()
     params, targets, stream, rt = _context(run)

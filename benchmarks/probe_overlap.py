@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     from mda.attribute.overlap import draw_agreement
     from mda.attribute.scoring import preconditioned_probe, probe_columns, shard_scores
     from mda.attribute.window import setup
-    from mda.intervene.edits import set_size
+    from mda.intervene.selection import set_size
     from mda.core.io import read_json, read_targets
 
     started = time.perf_counter()

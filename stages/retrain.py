@@ -13,7 +13,7 @@ import pandas as pd
 from mda.core.cli import run_stage
 from mda.core.compute import runtime
 from mda.core.errors import MdaError
-from mda.intervene.edits import ARMS
+from mda.intervene.arms import ARMS
 from mda.core.io import atomic_dir, read_targets, write_json
 from mda.train.pretrain import read_corpus_meta
 from mda.intervene.retrain import run_arm

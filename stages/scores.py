@@ -17,7 +17,7 @@ from mda.attribute.tokens import token_sets, token_table
 from mda.attribute.trajectory import trajectory_scores
 from mda.attribute.token_stats import predictable_share, sum_check, target_contributions
 from mda.attribute.window import setup
-from mda.intervene.edits import set_size
+from mda.intervene.selection import set_size
 from mda.core.io import atomic_dir, read_targets, write_json, write_parquet
 from mda.core.tracking import stage_run
 

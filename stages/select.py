@@ -6,7 +6,7 @@ import pyarrow as pa
 from mda.core.cli import run_stage
 from mda.core.errors import MdaError
 from mda.attribute.scoring import concentration
-from mda.intervene.edits import select_sets, set_size
+from mda.intervene.selection import plot_cut, select_sets, set_size
 from mda.core.io import atomic_dir, read_targets, write_json, write_parquet
 from mda.core.tracking import stage_run
 
@@ -42,26 +42,6 @@ def main(params):
             plot_cut(scores, meta, tmp / "sorted_influence.png")
         run.log_metric("k", k)
         run.log_artifacts(OUT, artifact_path="select")
-
-
-def plot_cut(scores, meta, path):
-    import numpy as np
-
-    from mda.core import plots
-
-    fig, ax = plots.plt.subplots(figsize=(8, 4.5))
-    for head, g in scores.groupby("head"):
-        v = np.sort(g.score.to_numpy())[::-1]
-        ax.plot(np.arange(1, len(v) + 1), v, lw=1.5, label=head)
-    ax.axvline(meta["k"], color="tab:orange", ls="--", label=f"top-k cut (k = {meta['k']})")
-    ax.axvline(meta["window_samples"] - meta["k"], color="tab:purple", ls=":", label="bottom-k cut")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("rank (log)")
-    ax.set_ylabel("influence score (positive: raises the probe)")
-    ax.set_title("Sorted influence of the window's samples")
-    ax.legend(fontsize=8)
-    plots.save(fig, path)
 
 
 if __name__ == "__main__":

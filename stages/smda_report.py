@@ -1,7 +1,6 @@
 """DVC stage `smda-report`: the SMDA results as reports/smda/report.md, a self-contained
 report.html (images embedded) and the PNGs."""
 
-from pathlib import Path
 
 import yaml
 

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from mda.core.config import Influence

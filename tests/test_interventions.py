@@ -1,17 +1,16 @@
 """Selection, stream edits and counterfactual retraining."""
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from mda.core.errors import MdaError
-from mda.intervene.edits import (augmentation, motif_profile, motif_rows, removal, repeated_spans,
-                               select_sets, set_size, upweighting)
+from mda.intervene.edits import augmentation, removal, upweighting
+from mda.intervene.motifs import motif_profile, motif_rows, repeated_spans
+from mda.intervene.selection import select_sets, set_size
 from tests.conftest import run_stage, set_params
 
 B = 4
@@ -300,7 +299,7 @@ def test_build_edit_places_augment_arms_by_the_params(selected_repo, placement):
     and says so in its summary (what `meta.json` records)."""
     from mda.core.config import load_params, parse_params
     from mda.data.stream import Stream
-    from mda.intervene.retrain import build_edit
+    from mda.intervene.arms import build_edit
 
     raw = load_params(selected_repo / "params.yaml").model_dump()
     raw["retrain"]["augment_placement"] = placement

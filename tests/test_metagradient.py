@@ -156,7 +156,7 @@ def test_scores_stage_runs_every_estimator_and_exact_matches_retraining(located)
     from mda.data.stream import Stream
     from mda.intervene.edits import StreamEdit
     from mda.units.probes import influence_probe
-    from mda.intervene.retrain import train_edit
+    from mda.intervene.replay import train_edit
     from mda.train.loop import deterministic
     from tests.conftest import run_stage, set_params
 

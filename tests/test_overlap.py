@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 
 from mda.attribute.overlap import draw_agreement, top_k
-from mda.intervene.edits import select_sets
+from mda.intervene.selection import select_sets
 
 
 def test_top_k_is_selects_top_set_ties_included():
     rng = np.random.default_rng(0)
-    scores = pd.DataFrame({"sample_id": rng.permutation(200), "head": "L2H2",
+    scores = pd.DataFrame({"sample_id": rng.permutation(200), "head": "L2H2", "domain": "prose",
                            "score": np.round(rng.normal(size=200), 1)})  # rounded: many ties
     top = select_sets(scores, 30, [0], union=False)
     expected = top[top.set == "L2H2:top"].sample_id.to_numpy()

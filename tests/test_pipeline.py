@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from mda.core.config import load_params

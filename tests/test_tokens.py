@@ -11,7 +11,7 @@ from mda.core.config import Influence
 from mda.model.heads import Head, head_blocks
 from mda.attribute.tokens import induction_predictable, token_contributions, token_sets, token_table
 from mda.attribute.token_stats import predictable_share, target_contributions
-from mda.intervene.edits import union_scores
+from mda.intervene.selection import union_scores
 
 
 # ----------------------------------------------------------------------------- predictable positions

@@ -35,7 +35,7 @@ from mda.core.config import Influence
 from mda.data.stream import Stream
 from mda.attribute.capture import capture_batch
 from mda.attribute.window import Setup
-from mda.intervene.edits import union_scores
+from mda.intervene.selection import union_scores
 from mda.units.metrics import induction_targets
 
 RANDOM_SEED = (0, 14)  # numpy default_rng seed of the random comparison set (fixed, not a param)

@@ -28,7 +28,7 @@ import pandas as pd
 from mda.core.config import Evaluate, Params
 from mda.core.errors import MdaError
 from mda.model.heads import Head
-from mda.intervene.edits import ARMS
+from mda.intervene.arms import ARMS
 from mda.evaluate.stats import RANK_TEST_MIN_SETS, chosen_test, rank_p, t_interval, t_test_p
 from mda.evaluate.unit_level import LEVELS, role_moves, unit_trajectories
 from mda.units.metrics import first_crossing
@@ -336,7 +336,7 @@ def edit_timing(params: Params, sets: pd.DataFrame, targets: dict, stream, befor
     row counts once per extra copy), copies dropped, and how many edits come before `before_step`
     (the baseline's emergence). An edit made after the head has formed cannot move its
     emergence, so this says how much of each arm could act on it at all."""
-    from mda.intervene.retrain import build_edit, chosen_sets
+    from mda.intervene.arms import build_edit, chosen_sets
 
     r = params.retrain
     window = (int(targets["window"]["start"]), int(targets["window"]["end"]))
@@ -360,8 +360,8 @@ def edit_timing(params: Params, sets: pd.DataFrame, targets: dict, stream, befor
 def evaluate(params: Params, retrain_dir: str | os.PathLike, targets: dict, sets: pd.DataFrame,
              scores: pd.DataFrame, stream, tokenizer_dir: str | os.PathLike) -> dict:
     """Every table of the evaluation, and `summary` (JSON-ready facts and headline numbers)."""
-    from mda.intervene.edits import union_scores
-    from mda.intervene.retrain import chosen_sets
+    from mda.intervene.selection import union_scores
+    from mda.intervene.arms import chosen_sets
 
     ev = params.evaluate
     runs, missing = read_runs(params, retrain_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mda.intervene.edits import ARMS
+from mda.intervene.arms import ARMS
 
 
 def fmt(value, digits: int = 3) -> str:

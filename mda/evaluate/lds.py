@@ -47,7 +47,7 @@ from mda.intervene.edits import removal
 from mda.core.io import clean_debris_in, read_json, write_json
 from mda.units.measure import checkpoint_metrics
 from mda.model.neox import load_model, step_dir
-from mda.intervene.retrain import train_edit
+from mda.intervene.replay import train_edit
 from mda.units.probes import evaluation_probes, influence_probe
 
 OUTPUTS = {"probe": "influence probe f", "target_score": "target head's score"}

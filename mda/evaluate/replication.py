@@ -30,7 +30,7 @@ import pandas as pd
 
 from mda.core.errors import MdaError
 from mda.evaluate.effects import COMPARISONS  # (targeted arm, random control, +1: hypothesis is a later emergence)
-from mda.intervene.edits import ARMS
+from mda.intervene.arms import ARMS
 from mda.evaluate.stats import ALPHA
 
 EVALUATE, LOCATE, PARAMS = "metrics/evaluate.json", "metrics/locate.json", "params.yaml"

@@ -1,4 +1,4 @@
-"""Subset selection and the stream edits of the retraining arms.
+"""The stream edits of the retraining arms: per step, row weights and replacement rows.
 
 Rules (logged with every run):
 - **remove**: a selected sample's loss weight is 0 wherever it occurs in the window; the
@@ -16,7 +16,7 @@ Rules (logged with every run):
   - `later`: each copy replaces a non-selected, not-yet-replaced row of a uniformly drawn later
     step of the window (seeded); a sample in the window's last step has no later step and its
     copies are dropped (counted). Most copies land after the unit has formed.
-- **augment-synthetic**: the copies are new rows from `motif_rows`, which carry the repeated-
+- **augment-synthetic**: the copies are new rows from `mda.intervene.motifs.motif_rows`, which carry the repeated-
   span structure measured on the top set (span lengths, distances, coverage, token marginal)
   without copying any of its rows; each is placed like a copy of the top-set row it stands for
   (under `upweight`, where a new row has no weight of its own to raise, `in_place`).
@@ -29,79 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from mda.core.errors import MdaError
 
-ARMS = ("baseline", "remove-top", "remove-random", "remove-matched", "remove-bottom",
-        "augment-top", "augment-random", "augment-matched", "augment-synthetic")
-SEEDED_ARMS = {"remove-random", "remove-matched", "augment-random", "augment-matched",
-               "augment-synthetic"}  # the seed changes the data
 PLACEMENTS = ("in_place", "upweight", "later")  # retrain.augment_placement
 
 
 # ----------------------------------------------------------------------------- selection
-def set_size(window_samples: int, fraction: float, count: int | None) -> int:
-    k = count if count is not None else int(round(fraction * window_samples))
-    if not 1 <= k <= window_samples:
-        raise MdaError(f"select: k = {k} samples, but the window holds {window_samples}"
-                       + (" (select.count)" if count is not None else " (select.fraction)"))
-    return k
-
-
-def union_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """One score per sample over several target heads: the mean of each head's scores divided
-    by that head's standard deviation (heads with larger raw scales do not dominate)."""
-    z = scores.assign(score=scores.score / scores.groupby("head").score.transform("std"))
-    return z.groupby(["sample_id", "step", "domain"], as_index=False).score.mean().assign(head="union")
-
-
-def select_sets(scores: pd.DataFrame, k: int, seeds: list[int], union: bool) -> pd.DataFrame:
-    """Rows (set, target, sample_id, rank, score): per target, `<target>:top` and
-    `<target>:bottom` (k by score), and per seed `<target>:random-<seed>` (k drawn uniformly from
-    the window) and `<target>:matched-<seed>` (`domain_matched`: the top set's domain mix), both
-    drawn over the window in sample-id order (independent of the scores) and ranked by score for
-    display."""
-    groups = {h: g for h, g in scores.groupby("head")}
-    if union and len(groups) > 1:
-        groups["union"] = union_scores(scores)
-    parts = []
-    for target, g in groups.items():
-        g = g.sort_values(["score", "sample_id"], ascending=[False, True], ignore_index=True)
-        picks = {"top": g.head(k), "bottom": g.tail(k).iloc[::-1]}
-        # Random draws are made over the window in sample-id order, so that they do not depend on
-        # the scores: every estimator (and every probe draw) is compared with the same random sets.
-        by_id = g.sort_values("sample_id", ignore_index=True)
-        by_score = lambda rows: rows.sort_values(["score", "sample_id"], ascending=[False, True])
-        for seed in seeds:
-            rng = np.random.default_rng([seed, 7])
-            picks[f"random-{seed}"] = by_score(by_id.iloc[rng.choice(len(by_id), size=k, replace=False)])
-            picks[f"matched-{seed}"] = by_score(by_id.iloc[domain_matched(by_id.domain.to_numpy(),
-                                                                          picks["top"].domain, seed)])
-        for name, rows in picks.items():
-            parts.append(pd.DataFrame({"set": f"{target}:{name}", "target": target,
-                                       "sample_id": rows.sample_id.to_numpy(),
-                                       "rank": np.arange(1, len(rows) + 1, dtype=np.int32),
-                                       "score": rows.score.to_numpy()}))
-    return pd.concat(parts, ignore_index=True)
-
-
-def domain_matched(domains: np.ndarray, top_domains: pd.Series, seed: int) -> np.ndarray:
-    """Sorted positions into `domains` (the window's samples) of a random set with the top set's
-    domain mix: per domain, as many samples as the top set holds, drawn uniformly within the
-    domain (numpy default_rng([seed, 19]), domains in sorted order). The control for "junk rows
-    matter" against "these rows matter": 98.6 % of the default's top set is one domain."""
-    rng = np.random.default_rng([seed, 19])
-    counts = top_domains.value_counts()
-    picked = [rng.choice(np.flatnonzero(domains == d), size=int(counts[d]), replace=False)
-              for d in sorted(counts.index)]
-    return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=np.int64)
-
-
-def arm_set(arm: str, seed: int) -> str | None:
-    """Which selected set an arm uses (`None` for baseline)."""
-    if arm == "baseline":
-        return None
-    kind = arm.split("-", 1)[1]
-    return f"{kind}-{seed}" if kind in ("random", "matched") else ("top" if kind == "synthetic" else kind)
 
 
 # ----------------------------------------------------------------------------- stream edits
@@ -192,59 +124,5 @@ def augmentation(stream_rows: pd.DataFrame, sources: list[tuple[int, np.ndarray]
 
 
 # ----------------------------------------------------------------------------- synthetic motifs
-def repeated_spans(row: np.ndarray, min_len: int = 2) -> list[tuple[int, int]]:
-    """Maximal spans (length, distance) that repeat an earlier stretch of the same row,
-    scanned left to right (at each position the longest match, nearest on ties)."""
-    n = len(row)
-    match = np.zeros((n + 1, n + 1), dtype=np.int32)  # match[i, j]: equal run from i and j
-    for i in range(n - 1, -1, -1):
-        match[i, :n] = (row[i] == row) * (match[i + 1, 1:] + 1)
-    spans, t = [], 1
-    while t < n:
-        lengths = match[t, :t]  # from each earlier start j
-        j = int(np.flatnonzero(lengths == lengths.max())[-1]) if t else 0
-        length = int(min(lengths[j], n - t))
-        if length >= min_len:
-            spans.append((length, t - j))
-            t += length
-        else:
-            t += 1
-    return spans
 
 
-def motif_profile(rows: np.ndarray) -> dict:
-    """What `motif_rows` reproduces: repeated-span (length, distance) pairs, the share of tokens
-    inside repeats, and the token marginal."""
-    spans, covered = [], 0
-    for row in rows:
-        s = repeated_spans(row)
-        spans += s
-        covered += sum(length for length, _ in s)
-    values, counts = np.unique(rows, return_counts=True)
-    return {"spans": np.asarray(spans, dtype=np.int64).reshape(-1, 2),
-            "coverage": covered / rows.size, "tokens": values, "token_p": counts / counts.sum()}
-
-
-def motif_rows(profile: dict, n: int, row_len: int, seed: int) -> np.ndarray:
-    """New rows: tokens drawn from the marginal, then repeated spans (sampled length and
-    distance pairs) pasted in until the measured repeat coverage is reached."""
-    rng = np.random.default_rng([seed, 13])
-    rows = rng.choice(profile["tokens"], size=(n, row_len), p=profile["token_p"]).astype(np.int32)
-    spans = profile["spans"]
-    if len(spans) == 0:
-        return rows
-    target = profile["coverage"] * row_len
-    for row in rows:
-        covered = 0
-        for _ in range(4 * row_len):
-            if covered >= target:
-                break
-            length, dist = spans[rng.integers(len(spans))]
-            start_hi = row_len - length
-            if start_hi < dist:
-                continue
-            t = int(rng.integers(dist, start_hi + 1))
-            row[t:t + length] = row[t - dist:t - dist + length].copy() if dist >= length else \
-                np.array([row[t - dist + i % dist] for i in range(length)], dtype=np.int32)
-            covered += length
-    return rows

@@ -1,4 +1,4 @@
-"""Stage `retrain`: counterfactual training from the window start with a stream edit.
+"""Stage `retrain`: one arm's counterfactual training from the window start, evaluated as it goes.
 
 The run resumes the checkpoint at the window start (model, AdamW, schedule, RNG, data
 cursor), replays the recorded stream to the window end (+ `tail_steps`) with the arm's edit
@@ -9,15 +9,12 @@ through `mda.units.measure.checkpoint_metrics` — the code `locate` uses.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from mda.core.identity import checkpoint_digest, code_version, describe_mismatch, files_digest, value_digest
 from mda.core.compute import check_batching, runtime
@@ -25,84 +22,14 @@ from mda.core.config import Params
 from mda.data.corpus import read_heldout
 from mda.data.stream import Stream
 from mda.core.errors import MdaError
-from mda.intervene.edits import (StreamEdit, arm_set, augmentation, motif_profile, motif_rows,
-                               removal, upweighting)
+from mda.intervene.arms import build_edit, chosen_sets
+from mda.intervene.edits import StreamEdit
+from mda.intervene.replay import replay, start_trainer
 from mda.core.io import atomic_dir, clean_debris_in, read_json, write_json
 from mda.units.measure import checkpoint_metrics
 from mda.units.probes import evaluation_probes
 from mda.model.neox import TRAINER_STATE, load_model, save_model, step_dir
-from mda.train.loop import Trainer, deterministic, resume
-
-
-
-
-def chosen_sets(sets: pd.DataFrame, params: Params, targets: dict) -> str:
-    """The target whose sets the arms use (params select.target)."""
-    names = sorted(sets.target.unique())
-    wanted = params.select.target
-    if wanted == "auto":
-        wanted = "union" if "union" in names else targets["heads"][0]["name"]
-    if wanted not in names:
-        raise MdaError(f"select.target: no sets for {wanted!r} (have: {', '.join(names)})")
-    return wanted
-
-
-def build_edit(arm: str, seed: int, params: Params, sets: pd.DataFrame, target: str, stream: Stream,
-               window: tuple[int, int]) -> StreamEdit:
-    start, end = window
-    if arm == "baseline":
-        return StreamEdit(summary={"rule": "no change"})
-    name = f"{target}:{arm_set(arm, seed)}"
-    chosen = sets[sets.set == name]
-    if chosen.empty:
-        raise MdaError(f"data/select/sets.parquet: no set {name!r} for arm {arm} seed {seed}; rerun select")
-    ids = set(chosen.sample_id.tolist())
-    rows = stream.read(start, end - 1, columns=["sample_id", "step", "batch_pos"]).to_pandas()
-    placement, copies = params.retrain.augment_placement, params.retrain.copies
-    if arm.startswith("remove"):
-        edit = removal(rows, ids, stream.batch_size)
-    elif placement == "upweight" and arm != "augment-synthetic":
-        edit = upweighting(rows, ids, stream.batch_size, copies)
-    else:
-        table = stream.read(start, end - 1, columns=["sample_id", "step", "input_ids"])
-        mask = np.isin(table.column("sample_id").to_numpy(), list(ids))
-        picked = table.filter(mask)
-        steps = picked.column("step").to_numpy()
-        tokens = np.stack(picked.column("input_ids").to_numpy(zero_copy_only=False))
-        if arm == "augment-synthetic":
-            profile = motif_profile(tokens[:1000])
-            tokens = motif_rows(profile, len(tokens), tokens.shape[1], seed)
-        # New rows have no weight of their own to raise: under `upweight` they go in place.
-        where = "in_place" if placement == "upweight" else placement
-        edit = augmentation(rows, list(zip(steps.tolist(), tokens)), ids, end - 1, copies, seed, where)
-        if arm == "augment-synthetic":
-            edit.summary["motifs"] = {"spans": int(len(profile["spans"])), "coverage": profile["coverage"]}
-    if arm.startswith("augment"):
-        edit.summary["augment_placement"] = placement  # the params value; `placement`: what this arm did
-    edit.summary.update(set=name, set_size=len(ids))
-    return edit
-
-
-def start_trainer(params: Params, checkpoints: str | os.PathLike, start: int, rt) -> tuple[Trainer, bool]:
-    """Resume at the window start; or, where no trainer state was saved (hub checkpoints) and
-    `retrain.fresh_optimizer` allows it, a fresh AdamW with warm-up (flagged)."""
-    path = step_dir(checkpoints, start)
-    if (path / TRAINER_STATE).is_file():
-        trainer, next_step = resume(path, params.pretrain, rt)
-        if next_step != start:
-            raise MdaError(f"{path / TRAINER_STATE}: data cursor at step {next_step}, expected {start}")
-        return trainer, False
-    if not params.retrain.fresh_optimizer:
-        raise MdaError(f"{path / TRAINER_STATE}: missing — the window start has no optimizer state "
-                       "(hub checkpoints never do); set retrain.fresh_optimizer: true to retrain with a "
-                       "fresh AdamW at the schedule's learning rate instead (flagged in the run; exact at step 0)")
-    model = load_model(path)
-    # Fresh AdamW moments, the learning rate the schedule has at `start` (exact at step 0, where
-    # Pythia's optimizer starts fresh too).
-    total = params.pretrain.total_steps or params.pretrain.warmup_steps + 10 ** 9
-    trainer = Trainer(model, params.pretrain, total_steps=total, rt=rt)
-    trainer.seek(start)
-    return trainer, True
+from mda.train.loop import deterministic, resume
 
 
 def arm_identity(params: Params, arm: str, seeds: list[int], edit: StreamEdit, checkpoints, stream: Stream,
@@ -205,32 +132,6 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
         trajectory.to_parquet(out / "trajectory.parquet", index=False)
         pd.DataFrame(losses, columns=["step", "loss"]).to_parquet(out / "losses.parquet", index=False)
     return meta
-
-
-def replay(trainer: Trainer, stream: Stream, edit: StreamEdit, first: int, last: int, losses: list,
-           before_step: Callable[[int], None] | None = None, desc: str = "retrain") -> None:
-    """The retraining loop (every arm's and every LDS subset's): the recorded stream's steps
-    first..last with `edit` applied, one `Trainer.step` each, appending (step, loss) to `losses`;
-    `before_step(step)` runs ahead of each update (evaluations, resume points)."""
-    for step, ids, _ in tqdm(stream.batches(first, last), total=last - first + 1, desc=desc,
-                             unit="step", disable=not trainer.rt.is_main):
-        if before_step is not None:
-            before_step(step)
-        ids, weights = edit.apply(step, ids)
-        loss = trainer.step(torch.as_tensor(ids), None if weights is None else torch.from_numpy(weights))
-        losses.append((step, loss))
-
-
-def train_edit(params: Params, checkpoints, stream: Stream, window: tuple[int, int], edit: StreamEdit,
-               rt, desc: str = "retrain") -> tuple[torch.nn.Module, bool]:
-    """(the model at the window end, fresh optimizer?) after training from the window start
-    (`start_trainer`) through `replay` with `edit` — an arm's run without its evaluations and
-    resume points (the LDS stage's unit of work). `window`: stream steps [start, end)."""
-    torch.use_deterministic_algorithms(True, warn_only=rt.device.type == "cuda")
-    (trainer, fresh), (start, end) = start_trainer(params, checkpoints, window[0], rt), window
-    rt.prepare(trainer.model)
-    replay(trainer, stream, edit, start, end - 1, [], desc=desc)
-    return trainer.model, fresh
 
 
 def open_work(work: Path, identity: dict, rt) -> bool:
