@@ -4,14 +4,12 @@ Reads whatever part of the retrain matrix exists (a missing run is listed in `su
 never filled in); the baseline run is required.
 """
 
-import pandas as pd
 import pyarrow as pa
 
 from mda.core.cli import run_stage
 from mda.data.stream import Stream
-from mda.core.errors import MdaError
-from mda.evaluate.effects import TABLES, evaluate, headline_metrics, json_ready
-from mda.core.io import atomic_dir, atomic_file, read_targets, write_json, write_parquet
+from mda.evaluate.evaluation import TABLES, evaluate, headline_metrics, json_ready
+from mda.core.io import atomic_dir, atomic_file, read_table, read_targets, write_json, write_parquet
 from mda.core.tracking import flatten, stage_run
 from mda.evaluate.verdicts import verdicts
 
@@ -19,13 +17,6 @@ RETRAIN, TARGETS, OUT = "data/retrain", "data/locate/targets.json", "data/evalua
 SETS, SCORES = "data/select/sets.parquet", "data/scores/scores.parquet"
 STREAM, TOKENIZER = "data/corpus/stream", "data/corpus/tokenizer"
 METRICS, CURVES_CSV = "metrics/evaluate.json", "plots/retrain_trajectories.csv"
-
-
-def read_table(path, stage):
-    try:
-        return pd.read_parquet(path)
-    except FileNotFoundError:
-        raise MdaError(f"{path}: missing; run the {stage} stage") from None
 
 
 def main(params):

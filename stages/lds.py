@@ -19,7 +19,7 @@ from mda.attribute.window import setup
 from mda.core.io import atomic_dir, read_targets, write_json, write_parquet
 from mda.evaluate.lds import (OUTPUTS, estimator_scores, per_subset_table, plot_lds, proponent_sets, proponent_summary, proponent_table,
                      subset_ids, subset_outcomes, subset_table, summarise)
-from mda.train.pretrain import read_corpus_meta
+from mda.data.corpus import read_corpus_meta
 from mda.core.tracking import stage_run
 
 CHECKPOINTS, CORPUS, TARGETS = "data/checkpoints", "data/corpus", "data/locate/targets.json"

@@ -10,7 +10,7 @@ from mda.core.compute import runtime
 from mda.core.io import atomic_dir, atomic_file, write_json, write_parquet
 from mda.units.locate import (METRIC_VERSIONS, check_request, choose_targets, plot_heatmap, plot_icl, plot_trajectories,
                         scan_checkpoints, target_curve)
-from mda.train.pretrain import read_corpus_meta
+from mda.data.corpus import read_corpus_meta
 from mda.core.tracking import stage_run
 
 CORPUS = "data/corpus"

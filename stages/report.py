@@ -9,8 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from mda.core.cli import run_stage
-from mda.core.errors import MdaError
-from mda.core.io import read_json
+from mda.core.io import read_json, read_table
 from mda.report.build import FIGURES, read_evaluation, write_report
 from mda.core.tracking import git_commit, repo_root, stage_run
 
@@ -31,10 +30,7 @@ def commit_label() -> str:
 def main(params):
     with stage_run("report", {"evaluate": params.evaluate}) as run:
         ev = read_evaluation(EVALUATE)
-        try:
-            scores = pd.read_parquet(SCORES)
-        except FileNotFoundError:
-            raise MdaError(f"{SCORES}: missing; run the scores stage") from None
+        scores = read_table(SCORES, "scores")
         tokens = pd.read_parquet(TOKENS) if Path(TOKENS).is_file() else None  # none: influence.token_samples 0
         write_report(ev, scores, Path("params.yaml").read_text(), commit_label(), OUT,
                      title=f"mda report: {', '.join(ev['summary']['heads'])}", tokens=tokens,

@@ -14,8 +14,8 @@ from mda.core.cli import run_stage
 from mda.core.compute import runtime
 from mda.core.errors import MdaError
 from mda.intervene.arms import ARMS
-from mda.core.io import atomic_dir, read_targets, write_json
-from mda.train.pretrain import read_corpus_meta
+from mda.core.io import atomic_dir, read_table, read_targets, write_json
+from mda.data.corpus import read_corpus_meta
 from mda.intervene.retrain import run_arm
 from mda.core.tracking import stage_run
 
@@ -30,10 +30,7 @@ def main(params):
     seeds = list(r.seeds) if fixed else [seed]
     out = f"data/retrain/{arm}" if fixed else f"data/retrain/{arm}-{seed}"
     targets = read_targets(TARGETS)
-    try:
-        sets = pd.read_parquet(SETS)
-    except FileNotFoundError:
-        raise MdaError(f"{SETS}: missing; run the select stage") from None
+    sets = read_table(SETS, "select")
     vocab = read_corpus_meta(CORPUS).get("vocab_size")
     work = Path(WORK) / Path(out).name  # resume points; removed once the output is complete
     if not runtime(params.compute).is_main:

@@ -15,7 +15,7 @@ from mda.attribute.scoring import (attach_samples, concentration, plot_scores, p
 from mda.attribute.metagradient import window_metagradients
 from mda.attribute.tokens import token_sets, token_table
 from mda.attribute.trajectory import trajectory_scores
-from mda.attribute.token_stats import predictable_share, sum_check, target_contributions
+from mda.attribute.token_stats import token_metrics
 from mda.attribute.window import setup
 from mda.intervene.selection import set_size
 from mda.core.io import atomic_dir, read_targets, write_json, write_parquet
@@ -81,18 +81,6 @@ def main(params):
                              f"{target}/tokens_random_positive_on_predictable": m["random"]["positive_on_predictable"]})
         run.log_artifact(f"{OUT}/score_distribution.png")
         run.log_artifact(METRICS)
-
-
-def token_metrics(tokens, scores, n: int) -> dict:
-    """Per target (each head; `union` with several), the predictable-token shares of its top-n and
-    of the random samples, and the split's largest deviation from the scores."""
-    targets = sorted(t.removeprefix("top:") for t in tokens.set.unique() if t.startswith("top:"))
-    out = {"samples_per_set": n, "sum_check_max_rel": sum_check(tokens, scores), "targets": {}}
-    for target in targets:
-        rows = target_contributions(tokens, scores, target)
-        out["targets"][target] = {"top": predictable_share(rows[rows.set == f"top:{target}"]),
-                                  "random": predictable_share(rows[rows.set == "random"])}
-    return out
 
 
 if __name__ == "__main__":

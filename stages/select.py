@@ -1,13 +1,11 @@
 """DVC stage `select`: top-k, bottom-k and seeded random sets → data/select/sets.parquet + meta.json."""
 
-import pandas as pd
 import pyarrow as pa
 
 from mda.core.cli import run_stage
-from mda.core.errors import MdaError
 from mda.attribute.scoring import concentration
 from mda.intervene.selection import plot_cut, select_sets, set_size
-from mda.core.io import atomic_dir, read_targets, write_json, write_parquet
+from mda.core.io import atomic_dir, read_table, read_targets, write_json, write_parquet
 from mda.core.tracking import stage_run
 
 SCORES, TARGETS, OUT = "data/scores/scores.parquet", "data/locate/targets.json", "data/select"
@@ -16,10 +14,7 @@ SCORES, TARGETS, OUT = "data/scores/scores.parquet", "data/locate/targets.json",
 def main(params):
     sel = params.select
     with stage_run("select", {"select": sel, "retrain.seeds": params.retrain.seeds}) as run:
-        try:
-            scores = pd.read_parquet(SCORES)
-        except FileNotFoundError:
-            raise MdaError(f"{SCORES}: missing; run the scores stage") from None
+        scores = read_table(SCORES, "scores")
         targets = read_targets(TARGETS)
         window_samples = scores.sample_id.nunique()
         k = set_size(window_samples, sel.fraction, sel.count)

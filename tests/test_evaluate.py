@@ -8,8 +8,9 @@ import pytest
 
 from mda.core.config import Evaluate, parse_params
 from mda.core.errors import MdaError
-from mda.evaluate.effects import (arm_summary, domain_enrichment, icl_coupling, read_runs, run_effects,
-                          targeted_vs_random, transfer, transfer_summary)
+from mda.evaluate.catalysts import domain_enrichment
+from mda.evaluate.effects import arm_summary, icl_coupling, run_effects, targeted_vs_random, transfer, transfer_summary
+from mda.evaluate.runs import read_runs
 from mda.evaluate.stats import t_interval
 from mda.units.metrics import first_crossing
 
@@ -254,7 +255,7 @@ def test_unit_levels_take_the_best_head_of_the_layer_and_of_the_model():
 
 
 def test_unit_level_delays_and_role_moves():
-    from mda.evaluate.effects import unit_level
+    from mda.evaluate.unit_level import unit_level
 
     unit = unit_level(role_runs(), TARGETS, WINDOW, EV, {"baseline", "remove-top", "augment-top"})
     e = unit["unit_effects"].set_index(["arm", "seed", "level"])
@@ -278,7 +279,7 @@ def test_unit_level_delays_and_role_moves():
     assert moves.loc[("remove-random", 0), "moved_to"] == ""   # the target formed (late): nothing moved
     assert moves.loc[("augment-top", 0), "moved_to"] == ""     # rival 0.15: below the level, rise 0.05 < margin
     assert moves.loc[("augment-random", 0), "moved_to"] == "L1H1"  # 0.45 ≥ 0.4 and +0.35 over its baseline
-    from mda.evaluate.effects import role_summary
+    from mda.evaluate.unit_level import role_summary
 
     assert role_summary(unit["role_moves"]) == {
         "remove-top": {"runs": 2, "moved": 2, "to": ["L1H1"]}, "remove-random": {"runs": 2, "moved": 0, "to": []},

@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 
 from mda.core.config import Evaluate
-from mda.evaluate.effects import (arm_summary, domain_enrichment, icl_coupling, role_summary, run_effects,
-                          target_trajectories, targeted_vs_random, transfer, transfer_summary, unit_level)
+from mda.evaluate.catalysts import domain_enrichment
+from mda.evaluate.effects import arm_summary, icl_coupling, run_effects, targeted_vs_random, transfer, transfer_summary
+from mda.evaluate.runs import target_trajectories
+from mda.evaluate.unit_level import role_summary, unit_level
 from mda.report.build import FIGURES, write_report
 from mda.evaluate.verdicts import verdicts
 from tests.test_evaluate import TARGETS, WINDOW, curve, head_runs

@@ -24,6 +24,8 @@ def test_stage_run_logs_params_tags_metrics(tmp_path, monkeypatch):
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
     assert got.data.params == {"corpus.seed": "3", "corpus.synthetic.repeat_rate": "0.1"}
+    peak = got.data.metrics.pop("peak_rss_gib")  # every stage run records its process's peak RSS
+    assert 0 < peak < 64
     assert got.data.metrics == {"rows": 12.0, "loss": 1 / 3}
     assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [0, 1, 2]
     assert got.data.tags["stage"] == "corpus"
@@ -52,7 +54,7 @@ def test_default_store_is_sqlite_at_dvc_root(tmp_path, monkeypatch):
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from mda import tracking
+    from mda.core import tracking
     start = float(sys.argv[2])
     while time.time() < start:  # all writers open the store at the same moment
         time.sleep(0.001)
@@ -89,7 +91,7 @@ def test_a_killed_stage_run_is_marked_failed_by_the_next(tmp_path, monkeypatch):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
     hang = textwrap.dedent("""
         import time
-        from mda import tracking
+        from mda.core import tracking
         with tracking.stage_run("checkpoints", {}) as run:
             print(run.run_id, flush=True)
             time.sleep(600)

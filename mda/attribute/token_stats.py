@@ -45,3 +45,15 @@ def sum_check(tokens: pd.DataFrame, scores: pd.DataFrame) -> float:
     ref = scores.set_index(["head", "sample_id"]).score
     joined = pd.concat([sums, ref], axis=1, join="inner")
     return float((joined.contribution - joined.score).abs().max() / ref.abs().max())
+
+
+def token_metrics(tokens, scores, n: int) -> dict:
+    """Per target (each head; `union` with several), the predictable-token shares of its top-n and
+    of the random samples, and the split's largest deviation from the scores."""
+    targets = sorted(t.removeprefix("top:") for t in tokens.set.unique() if t.startswith("top:"))
+    out = {"samples_per_set": n, "sum_check_max_rel": sum_check(tokens, scores), "targets": {}}
+    for target in targets:
+        rows = target_contributions(tokens, scores, target)
+        out["targets"][target] = {"top": predictable_share(rows[rows.set == f"top:{target}"]),
+                                  "random": predictable_share(rows[rows.set == "random"])}
+    return out

@@ -123,3 +123,18 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def write_parquet(path: str | os.PathLike, table: pa.Table, **kwargs) -> None:
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp, **kwargs)
+
+
+def read_table(path: str | os.PathLike, stage: str, **kwargs):
+    """A Parquet table a stage wrote, as a DataFrame; one line naming the file and the stage to run
+    when it is missing or unreadable (every stage reads its inputs through this)."""
+    import pandas as pd
+
+    from mda.core.errors import MdaError
+
+    try:
+        return pd.read_parquet(path, **kwargs)
+    except FileNotFoundError:
+        raise MdaError(f"{path}: missing; run the {stage} stage") from None
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise MdaError(f"{path}: unreadable ({type(err).__name__}); rerun the {stage} stage") from None

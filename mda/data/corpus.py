@@ -15,7 +15,7 @@ from mda.core.config import Corpus
 from mda.core.errors import MdaError
 from mda.data import classify
 from mda.data.stream import StreamWriter, stream_table
-from mda.core.io import write_json, write_parquet
+from mda.core.io import read_json, write_json, write_parquet
 
 HELDOUT = "heldout.parquet"
 NO_DOMAIN = "pile"
@@ -175,3 +175,8 @@ def read_heldout(corpus_dir: str | os.PathLike, rows: int) -> np.ndarray:
     if ids.ndim != 2 or len(ids) == 0:
         raise MdaError(f"{path}: no rows of one length")
     return ids
+
+
+def read_corpus_meta(corpus_dir: str | os.PathLike) -> dict:
+    """The corpus stage's `meta.json` (vocabulary size, domains, …), read by every stage that needs it."""
+    return read_json(Path(corpus_dir) / "meta.json", "run the corpus stage first")

@@ -34,16 +34,14 @@ import yaml
 
 from mda.core.errors import MdaError
 from mda.evaluate.lds import OUTPUTS, lds, predicted_change, subset_ids
+from mda.core.io import read_table
 
 TOP_FRACTION = 0.10
 
 
 def read_scores(path: str | Path) -> pd.Series:
     """A scores table's single head, indexed by sample id (sorted)."""
-    try:
-        table = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise MdaError(f"{path}: missing; run the scores stage with this estimator") from None
+    table = read_table(path, "scores")
     heads = sorted(table["head"].unique())
     if len(heads) != 1:
         raise MdaError(f"{path}: {len(heads)} heads ({', '.join(heads)}); the comparison takes one target head")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from mda.core.config import Evaluate
+from mda.evaluate.effects import arm_summary, run_effects, window_end_scores
 from mda.model.heads import Head
 
 LEVELS = ("head", "layer", "model")
@@ -80,3 +82,36 @@ def role_moves(ends: pd.DataFrame, targets: dict, threshold: float, margin: floa
                          "moved_to": ", ".join(Head(int(l), int(h)).name for l, h in moved)})
     return pd.DataFrame(rows, columns=["arm", "seed", "target", "target_end", "level", "rival", "rival_end",
                                        "rival_baseline_end", "moved_to"])
+
+
+def unit_level(runs: pd.DataFrame, targets: dict, window: tuple[int, int], ev: Evaluate,
+               trained_once: set[str]) -> dict:
+    """The `mda.evaluate.unit_level` levels as tables: `unit_curves` (per step), `unit_effects` (per arm ×
+    seed × level: emergence, delay, … and the level's best head at the window end),
+    `unit_per_arm` (delay and Δ score per arm × level, mean and interval over seeds) and
+    `role_moves` (per arm × seed × target head)."""
+    curves = unit_trajectories(runs, targets)
+    end = window[1]
+    parts, summaries = [], []
+    for level in LEVELS:
+        g = curves[curves.level == level].drop(columns="level").rename(columns={"score": "target_score"})
+        effects = run_effects(g, window, ev, trained_once)
+        last = g[g.step <= end].sort_values("step").groupby(["arm", "seed"], sort=False).best_head.last()
+        effects["best_head_end"] = [last.get((a, s)) for a, s in zip(effects.arm, effects.seed)]
+        parts.append(effects.assign(level=level))
+        summary = arm_summary(effects, ev.confidence)
+        summaries.append(summary[summary.effect.isin(["delay", "delta_score"])].assign(level=level))
+    ends = window_end_scores(runs, targets["metric"], end)
+    return {"unit_curves": curves, "unit_effects": pd.concat(parts, ignore_index=True),
+            "unit_per_arm": pd.concat(summaries, ignore_index=True),
+            "role_moves": role_moves(ends, targets, ev.threshold, ev.role_margin)}
+
+
+def role_summary(moves: pd.DataFrame) -> dict:
+    """Per arm: runs (arm × seed × target head) checked, runs where the role moved, and to which heads."""
+    out = {}
+    for arm, g in moves.groupby("arm", sort=False):
+        moved = g[g.moved_to != ""]
+        out[arm] = {"runs": int(len(g)), "moved": int(len(moved)),
+                    "to": sorted({h for v in moved.moved_to for h in v.split(", ")})}
+    return out

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file as load_arrays
 from mda.core.compute import runtime
 from mda.core.config import Params
 from mda.core.errors import MdaError
-from mda.core.io import read_json
+from mda.core.io import read_json, read_table
 from mda.smda import curate as curation
 from mda.smda import evaluate as ev
 from mda.smda import lm as lms
@@ -206,11 +206,7 @@ def run_curate(params: Params, influence_dir, task_dir) -> dict:
     task has a ground truth — every rule's precision/recall against it and the scores' ranking
     of the mislabelled pairs within each class (AUC)."""
     c = params.smda.curate
-    path = Path(influence_dir) / "scores.parquet"
-    try:
-        scores = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise MdaError(f"{path}: missing; run the smda-influence stage") from None
+    scores = read_table(Path(influence_dir) / "scores.parquet", "smda-influence")
     harmful = scores.harmful.to_numpy(bool)
     by_rule = {rule: curation.removal_rule(scores, rule) for rule in curation.RULES}
     removed = by_rule[c.rule]
@@ -243,10 +239,7 @@ def run_curate(params: Params, influence_dir, task_dir) -> dict:
 
 def removed_pairs(curate_dir, set_name: str, seed: int) -> set[int]:
     path = Path(curate_dir) / "removed.parquet"
-    try:
-        removed = pd.read_parquet(path)
-    except FileNotFoundError:
-        raise MdaError(f"{path}: missing; run the smda-curate stage") from None
+    removed = read_table(path, "smda-curate")
     if set_name == "full":
         return set()
     if set_name == "oracle" and not read_json(path.with_name("summary.json"), "rerun smda-curate")["has_truth"]:

@@ -14,10 +14,9 @@ import numpy as np
 import pandas as pd
 
 from mda.core import plots
-from mda.core.errors import MdaError
-from mda.core.io import read_json
+from mda.core.io import read_json, read_table
 from mda.evaluate.fmt import fmt, with_ci
-from mda.report.build import Document
+from mda.report.document import Document
 
 SET_COLOURS = {"full": "tab:gray", "curated": "tab:blue", "random": "lightcoral", "oracle": "tab:green"}
 TOP_PAIRS = 12
@@ -34,10 +33,7 @@ def read_results(root: str | os.PathLike) -> dict:
               "pairs": "task/pairs.parquet", "truth": "task/truth.parquet"}
     out = {}
     for name, rel in tables.items():
-        try:
-            out[name] = pd.read_parquet(root / rel)
-        except FileNotFoundError:
-            raise MdaError(f"{root / rel}: missing; run the smda-{rel.split('/')[0]} stage") from None
+        out[name] = read_table(root / rel, f"smda-{rel.split('/')[0]}")
     jsons = {"task": "task/meta.json", "sae": "sae/metrics.json", "policy": "policy/policy.json",
              "influence": "influence/meta.json", "curate": "curate/summary.json", "evaluate": "evaluate/summary.json"}
     for name, rel in jsons.items():

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mda.core.config import SmdaTask
+from mda.core.io import read_table
 from mda.core.errors import MdaError
 
 PROMPT_OPEN, PROMPT_CLOSE = ("head", ":"), ("?", "\u21b5")
@@ -119,7 +120,7 @@ def synthetic_task(task: SmdaTask) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 
 # ----------------------------------------------------------------------------- a task from files
-def read_table(path: str | os.PathLike, key: str, columns: tuple[str, ...]) -> pd.DataFrame:
+def read_task_file(path: str | os.PathLike, key: str, columns: tuple[str, ...]) -> pd.DataFrame:
     """A .jsonl/.json/.parquet file with at least `columns`; `harmful` (and `mislabelled`) as bool."""
     path = Path(path)
     if not path.is_file():
@@ -151,15 +152,15 @@ def read_table(path: str | os.PathLike, key: str, columns: tuple[str, ...]) -> p
 
 def file_task(task: SmdaTask) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     files = task.files
-    sft = read_table(files.sft, "sft", ("prompt", "response", "harmful")).assign(set="sft")
+    sft = read_task_file(files.sft, "sft", ("prompt", "response", "harmful")).assign(set="sft")
     parts = [sft]
     if files.instruct:
-        instruct = read_table(files.instruct, "instruct", ("prompt", "response", "harmful"))
+        instruct = read_task_file(files.instruct, "instruct", ("prompt", "response", "harmful"))
         parts.insert(0, instruct.assign(set="instruct", mislabelled=instruct.get("mislabelled", False)))
     pairs = pd.concat(parts, ignore_index=True)
     if "mislabelled" not in sft.columns:
         pairs["mislabelled"] = pd.array([pd.NA] * len(pairs), dtype="boolean")
-    prompts = read_table(files.prompts, "prompts", ("prompt", "harmful"))
+    prompts = read_task_file(files.prompts, "prompts", ("prompt", "harmful"))
     need = task.policy_prompts + task.eval_prompts + 1
     if len(prompts) < need:
         raise MdaError(f"{files.prompts}: {len(prompts)} prompts; smda.task asks for "
@@ -208,15 +209,8 @@ def check_classes(frame: pd.DataFrame, what: str) -> None:
 def read_task(directory: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(pairs, prompts) as the method sees them (no ground truth)."""
     directory = Path(directory)
-    try:
-        return pd.read_parquet(directory / "pairs.parquet"), pd.read_parquet(directory / "prompts.parquet")
-    except FileNotFoundError as err:
-        raise MdaError(f"{err.filename}: missing; run the smda-task stage") from None
+    return read_table(directory / "pairs.parquet", "smda-task"), read_table(directory / "prompts.parquet", "smda-task")
 
 
 def read_truth(directory: str | os.PathLike) -> pd.DataFrame:
-    path = Path(directory) / "truth.parquet"
-    try:
-        return pd.read_parquet(path)
-    except FileNotFoundError:
-        raise MdaError(f"{path}: missing; run the smda-task stage") from None
+    return read_table(Path(directory) / "truth.parquet", "smda-task")

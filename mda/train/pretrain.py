@@ -15,6 +15,7 @@ from tqdm import tqdm
 from mda.core.identity import code_version, describe_mismatch, file_digest, files_digest, value_digest
 from mda.core.compute import check_batching, runtime
 from mda.core.config import Params
+from mda.data.corpus import read_corpus_meta
 from mda.data.stream import Stream
 from mda.core.errors import ConfigError, MdaError
 from mda.core.io import atomic_dir, clean_debris_in, read_json, write_json
@@ -33,16 +34,10 @@ class PretrainLog:
     induction: dict[int, list[list[float]]] = field(default_factory=dict)  # step -> [layer][head]
 
 
-
-
 def induction_scores(model, probe_tokens: torch.Tensor) -> torch.Tensor:
     """(layers, heads) prefix-matching score."""
     model.eval()
     return prefix_matching_score(attention_patterns(model, probe_tokens), probe_tokens)
-
-
-def read_corpus_meta(corpus_dir: str | os.PathLike) -> dict:
-    return read_json(Path(corpus_dir) / "meta.json", "run the corpus stage first")
 
 
 RUN_FILE = "run.json"
