@@ -51,213 +51,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the default_* modules beside this file
+from default_common import (RESULTS, ROOT, StepClock, _timed, default_params, default_trainer, load_average, median_ms, paired,
+                            random_rows, vocab_size)
+from default_contention import contention, worker
+from default_levers import levers
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results" / "default-profile.json"
-OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 # name: the OpenMP environment of the worker (every variable of OMP_VARS not named is unset)
-SETTINGS = {
-    "unset (libgomp default)": {},
-    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
-    "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
-    "GOMP_SPINCOUNT=3000": {"GOMP_SPINCOUNT": "3000"},
-    "GOMP_SPINCOUNT=10000 (mda default)": {"GOMP_SPINCOUNT": "10000"},
-    "GOMP_SPINCOUNT=100000": {"GOMP_SPINCOUNT": "100000"},
-    "GOMP_SPINCOUNT=0": {"GOMP_SPINCOUNT": "0"},
-    "KMP_BLOCKTIME=0": {"KMP_BLOCKTIME": "0"},
-}
-QUICK_SETTINGS = ("unset (libgomp default)", "OMP_WAIT_POLICY=PASSIVE", "GOMP_SPINCOUNT=1000",
-                  "GOMP_SPINCOUNT=3000", "GOMP_SPINCOUNT=10000 (mda default)")
 
 
 # ----------------------------------------------------------------------------- the default model
-def default_params():
-    from mda.core.config import load_params
-
-    return load_params(ROOT / "params.yaml")
-
-
-def vocab_size() -> int:
-    """The synthetic corpus tokenizer's vocabulary (what `data/corpus/meta.json` records)."""
-    from mda.data.synthetic import build_vocabulary
-
-    return build_vocabulary().size
-
-
-def default_trainer(params, vocab: int, **kwargs):
-    from mda.model.neox import neox_config, new_model
-    from mda.train.loop import Trainer
-
-    model = new_model(neox_config(params.model, vocab), params.model.init_seed)
-    return Trainer(model, params.pretrain, total_steps=params.corpus.steps, **kwargs)
-
-
-def random_rows(params, vocab: int, n: int, seed: int):
-    """`n` rows of `corpus.seq_len + 1` tokens (the arithmetic does not depend on the tokens)."""
-    import torch
-
-    return torch.randint(2, vocab, (n, params.corpus.seq_len + 1), generator=torch.Generator().manual_seed(seed))
-
-
-def median_ms(seconds: list[float]) -> float:
-    return round(1e3 * statistics.median(seconds), 3)
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # ----------------------------------------------------------------------------- contention
-def worker(args) -> None:
-    """One setting, one fresh process: ms per default training step (printed as JSON)."""
-    import torch  # first: libgomp reads OMP_WAIT_POLICY/GOMP_SPINCOUNT when torch loads it
-
-    from mda.train.loop import deterministic  # `import mda` now only fills OMP_WAIT_POLICY in for children
-
-    seen = {k: os.environ.get(k) for k in OMP_VARS}
-    torch.set_num_threads(args.threads)
-    deterministic("cpu")  # as the stages run
-    params = default_params()
-    vocab = vocab_size()
-    trainer = default_trainer(params, vocab)
-    rows = random_rows(params, vocab, params.corpus.batch_size * 8, 0).split(params.corpus.batch_size)
-    times, deadline = [], time.perf_counter() + args.max_seconds
-    for i in range(args.warmup + args.steps):
-        t = time.perf_counter()
-        trainer.step(rows[i % len(rows)])
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t)
-        if time.perf_counter() > deadline and len(times) >= 3:
-            break
-    print(json.dumps({"env": seen, "threads": torch.get_num_threads(), "steps": len(times),
-                      "ms_per_step": median_ms(times)}))
-
-
-@contextmanager
-def busy_neighbour(on: bool):
-    """One busy single-thread process on the cores while the block runs."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if on else None
-    try:
-        yield
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-
-
-def worker_cmd(threads: int, steps: int, max_seconds: float) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "worker", "--threads", str(threads),
-            "--steps", str(steps), "--max-seconds", str(max_seconds)]
-
-
-def worker_env(setting: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return {**env, **setting}
-
-
-def run_worker(threads: int, setting: dict, steps: int, max_seconds: float) -> dict:
-    res = subprocess.run(worker_cmd(threads, steps, max_seconds), env=worker_env(setting),
-                         capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"worker failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def run_pair(steps: int, max_seconds: float) -> list[dict]:
-    """Two 1-thread training processes at once (mda's default OpenMP setting)."""
-    env = worker_env(SETTINGS["GOMP_SPINCOUNT=10000 (mda default)"])
-    procs = [subprocess.Popen(worker_cmd(1, steps, max_seconds), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate()
-        if p.returncode:
-            raise RuntimeError(f"worker failed: {stderr[-2000:]}")
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
-    return out
-
-
-def contention(quick: bool) -> dict:
-    names = QUICK_SETTINGS if quick else tuple(SETTINGS)
-    repeats, steps, max_seconds = (1, 15, 25) if quick else (3, 40, 60)
-    runs: dict[tuple, list[float]] = {}
-    pairs = []
-    load = [load_average()]
-    from tqdm import tqdm
-
-    grid = [(t, n, c) for t in (1, 2) for n in names for c in (False, True)]
-    with tqdm(total=repeats * (len(grid) + 1), desc="contention", unit="run") as bar:
-        for _ in range(repeats):
-            for threads, name, contended in grid:
-                with busy_neighbour(contended):
-                    r = run_worker(threads, SETTINGS[name], steps, max_seconds)
-                runs.setdefault((name, threads, contended), []).append(r["ms_per_step"])
-                bar.update(1)
-            pairs.append(run_pair(steps, max_seconds))
-            bar.update(1)
-    load.append(load_average())
-    table = []
-    for name in names:
-        for threads in (1, 2):
-            alone = statistics.median(runs[(name, threads, False)])
-            busy = statistics.median(runs[(name, threads, True)])
-            table.append({"setting": name, "threads": threads, "alone_ms": alone, "contended_ms": busy,
-                          "contended_over_alone": round(busy / alone, 2),
-                          "alone_runs_ms": runs[(name, threads, False)],
-                          "contended_runs_ms": runs[(name, threads, True)]})
-    pair_ms = [statistics.median(p[i]["ms_per_step"] for p in pairs) for i in range(2)]
-    default_2 = next(r for r in table if r["setting"].endswith("(mda default)") and r["threads"] == 2)
-    return {
-        "what": "ms per default training step (16 x 64-token rows, float32, CPU), median of steps, then of "
-                "repeats; each setting in a fresh process; 'contended': one busy single-thread process beside it",
-        "repeats": repeats, "steps_per_run": steps, "load_average_before_after": load,
-        "table": table,
-        "two_1_thread_processes": {
-            "ms_per_step_each": pair_ms,
-            "steps_per_s_together": round(sum(1e3 / m for m in pair_ms), 2),
-            "steps_per_s_one_2_thread_process_alone": round(1e3 / default_2["alone_ms"], 2),
-        },
-    }
 
 
 # ----------------------------------------------------------------------------- profile
-class StepClock:
-    """Timestamps inside the real `Trainer.step`, from hooks (the training code is unchanged):
-    forward start (the model's pre-hook), backward start (the unembedding's gradient arrives),
-    backward end (the input embedding's gradient, the last one computed), optimizer start/end."""
-
-    def __init__(self, trainer):
-        model, self.t = trainer.model, {}
-
-        def mark(key):
-            return lambda *args, **kwargs: self.t.__setitem__(key, time.perf_counter())
-
-        self.handles = [
-            model.register_forward_pre_hook(mark("forward")),
-            model.get_output_embeddings().register_full_backward_pre_hook(mark("backward")),
-            model.get_input_embeddings().weight.register_post_accumulate_grad_hook(mark("backward_end")),
-            trainer.optimizer.register_step_pre_hook(mark("optimizer")),
-            trainer.optimizer.register_step_post_hook(mark("optimizer_end")),
-        ]
-
-    def phases(self, start: float, end: float) -> dict[str, float]:
-        t = self.t
-        return {"setup (zero_grad, train mode)": t["forward"] - start,
-                "forward (+ loss)": t["backward"] - t["forward"],
-                "backward": t["backward_end"] - t["backward"],
-                "clip (+ loss sum)": t["optimizer"] - t["backward_end"],
-                "optimizer": t["optimizer_end"] - t["optimizer"],
-                "schedule, rest": end - t["optimizer_end"]}
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def timed_steps(trainer, batches, warmup: int, clock: StepClock | None = None) -> list[dict[str, float]]:
@@ -452,28 +265,6 @@ def startup(reps: int) -> dict:
     return out
 
 
-def paired(fns: dict, reps: int) -> dict:
-    """Run each of `fns` once per round, in a rotating order (so that load drift hits all alike);
-    median wall and process-CPU ms per name, and the medians over rounds of each one's ratios
-    to the first."""
-    names = list(fns)
-    for f in fns.values():  # warm-up
-        f()
-    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
-    for r in range(reps):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            c, w = time.process_time(), time.perf_counter()
-            fns[n]()
-            wall[n].append(time.perf_counter() - w)
-            cpu[n].append(time.process_time() - c)
-    first = names[0]
-    return {"median_ms": {n: median_ms(t) for n, t in wall.items()},
-            "median_cpu_ms": {n: median_ms(t) for n, t in cpu.items()},
-            "wall_ratio_to_first": {n: _ratio(wall[n], wall[first]) for n in names},
-            "cpu_ratio_to_first": {n: _ratio(cpu[n], cpu[first]) for n in names},
-            "rounds": reps}
-
-
 def profile(params, vocab: int, quick: bool) -> dict:
     import torch
 
@@ -550,12 +341,6 @@ def model_shape_matmuls(params, vocab: int, threads: int, reps: int) -> dict:
     return {"forward_matmul_ms": round(1e3 * seconds, 3), "gflops": round(flops / seconds / 1e9, 2)}
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def floor(params, vocab: int, quick: bool) -> dict:
     import torch
 
@@ -579,188 +364,6 @@ def floor(params, vocab: int, quick: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- levers
-def lever_optimizer(params, vocab: int, steps: int) -> dict:
-    """AdamW + clipping: per-parameter loops (before) vs foreach (now) vs fused AdamW, trained
-    side by side on the same batches; with the optimizer and clipping phases of each step."""
-    import torch
-
-    from mda.train.loop import lr_factor
-
-    variants = {"loops (foreach=False, before)": default_trainer(params, vocab, foreach=False),
-                "foreach (now)": default_trainer(params, vocab),
-                "fused AdamW + foreach clip": default_trainer(params, vocab)}
-    fused, r = variants["fused AdamW + foreach clip"], params.pretrain
-    groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in fused.optimizer.param_groups]
-    fused.optimizer = torch.optim.AdamW(groups, fused=True)
-    fused.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        fused.optimizer, lambda s: lr_factor(s, r.warmup_steps, params.corpus.steps, r.min_lr_ratio))
-    return _side_by_side(variants, params, vocab, steps, phases=("optimizer", "clip (+ loss sum)"))
-
-
-def lever_probe_batch(params, vocab: int, reps: int) -> dict:
-    """All seeds' evaluation probes in one forward vs one forward per seed (as run_arm does)."""
-    import numpy as np
-    import torch
-
-    from mda.units.measure import checkpoint_metrics
-    from mda.units.probes import evaluation_probes
-    from mda.units.metrics import ATTENTION_METRICS, attention_patterns
-
-    model = default_trainer(params, vocab).model.eval()
-    probes = evaluation_probes(params, model.config, vocab, list(params.retrain.seeds))
-    ms = params.locate.max_sequences
-
-    def per_seed():
-        return [checkpoint_metrics(model, p, None, ms, full=False)[0] for p in probes.values()]
-
-    def batched():
-        everything = torch.cat(list(probes.values()))
-        patterns = attention_patterns(model, everything)
-        out, at = [], 0
-        for p in probes.values():
-            part = patterns[:, at:at + len(p)]
-            out.append({k: f(part, p).reshape(-1) for k, f in ATTENTION_METRICS.items()})
-            at += len(p)
-        return out
-
-    same = all(np.array_equal(frame[k].to_numpy(), cols[k].double().numpy())  # as checkpoint_metrics stores them
-               for frame, cols in zip(per_seed(), batched()) for k in ATTENTION_METRICS)
-    t = paired({"one forward per seed (now)": per_seed, "one forward for all seeds": batched}, reps)
-    return {**t, "metrics": "bit-identical" if same else "differ"}
-
-
-def lever_heldout_chunks(params, vocab: int, reps: int) -> dict:
-    """Held-out token losses in one forward (locate.max_sequences = 1024 > 256 rows: before) vs
-    chunks (16: now, `mda.units.measure.HELDOUT_ROWS_PER_FORWARD`)."""
-    import torch
-
-    from mda.model.losses import token_losses
-
-    model = default_trainer(params, vocab).model.eval()
-    heldout = random_rows(params, vocab, params.locate.heldout_rows, 3)
-
-    def losses(chunk):
-        with torch.no_grad():
-            return torch.cat([token_losses(model, rows) for rows in heldout.split(chunk)])
-
-    ref = losses(params.locate.max_sequences)
-    fns = {f"chunks of {c}": (lambda c=c: losses(c)) for c in (params.locate.max_sequences, 64, 16, 4)}
-    t = paired(fns, reps)
-    t["losses"] = {n: "bit-identical" if torch.equal(f(), ref) else
-                   f"differ (max |diff| {(f() - ref).abs().max().item():.3g})" for n, f in fns.items()}
-    return t
-
-
-def lever_sdpa(params, vocab: int, steps: int) -> dict:
-    """PyTorch's fused attention (SDPA) for training on CPU instead of the eager kernel."""
-    eager, sdpa = default_trainer(params, vocab), default_trainer(params, vocab)
-    sdpa.model.set_attn_implementation("sdpa")
-    return _side_by_side({"eager attention (now)": eager, "sdpa attention": sdpa}, params, vocab, steps)
-
-
-def lever_compile(params, vocab: int, steps: int) -> dict:
-    """torch.compile of the model (forward and backward through AOTAutograd/Inductor)."""
-    import torch
-
-    eager, compiled = default_trainer(params, vocab), default_trainer(params, vocab)
-    batch = random_rows(params, vocab, params.corpus.batch_size, 9)
-    compiled.model.compile()
-    start = time.perf_counter()
-    compiled.step(batch)  # compiles
-    compile_s = time.perf_counter() - start
-    eager.step(batch)
-    out = _side_by_side({"eager (now)": eager, "torch.compile": compiled}, params, vocab, steps)
-    gain_ms = out["eager (now)"]["step_ms"] - out["torch.compile"]["step_ms"]
-    out["compile_s"] = round(compile_s, 1)
-    out["steps_to_repay_compile"] = round(1e3 * compile_s / gain_ms) if gain_ms > 0 else None
-    torch._dynamo.reset()
-    return out
-
-
-def _side_by_side(trainers: dict, params, vocab: int, steps: int, settings: dict | None = None,
-                  phases: tuple[str, ...] = ()) -> dict:
-    """Train each on the same batches, interleaved (the order rotates every step); per variant the
-    median wall and process-CPU ms per step, the medians of the per-step ratios to the first
-    variant, and its weights vs the first's. `settings[name]()` runs before each of its steps;
-    `phases`: StepClock phases to report too (median wall ms)."""
-    names = list(trainers)
-    settings = settings or {}
-    clocks = {n: StepClock(t) for n, t in trainers.items()} if phases else {}
-    split = {n: [] for n in names}
-    batches = random_rows(params, vocab, params.corpus.batch_size * steps, 5).split(params.corpus.batch_size)
-    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
-    for i, ids in enumerate(batches):
-        for n in names[i % len(names):] + names[:i % len(names)]:
-            settings.get(n, lambda: None)()
-            c, w = time.process_time(), time.perf_counter()
-            trainers[n].step(ids)
-            wall[n].append(time.perf_counter() - w)
-            cpu[n].append(time.process_time() - c)
-            if clocks:
-                split[n].append(clocks[n].phases(w, w + wall[n][-1]))
-    for clock in clocks.values():
-        clock.remove()
-    ref = trainers[names[0]].model.state_dict()
-    out = {}
-    for n in names:
-        w = trainers[n].model.state_dict()
-        diff = max((w[k] - ref[k]).abs().max().item() for k in ref)
-        out[n] = {"step_ms": median_ms(wall[n][3:]), "step_cpu_ms": median_ms(cpu[n][3:]),
-                  "wall_ratio_to_first": _ratio(wall[n][3:], wall[names[0]][3:]),
-                  "cpu_ratio_to_first": _ratio(cpu[n][3:], cpu[names[0]][3:]),
-                  **{f"{k} ms": median_ms([x[k] for x in split[n][3:]]) for k in phases},
-                  f"weights after {steps} steps": "bit-identical" if diff == 0 else f"differ (max |diff| {diff:.3g})"}
-    return out
-
-
-def _ratio(a: list[float], b: list[float]) -> float:
-    return round(statistics.median(x / y for x, y in zip(a, b) if y > 0), 3)
-
-
-def lever_determinism(params, vocab: int, steps: int) -> dict:
-    """`torch.use_deterministic_algorithms(True)` (the stages set it) also fills every new tensor
-    with NaN (`torch.utils.deterministic.fill_uninitialized_memory`) unless told not to; and
-    without deterministic algorithms at all."""
-    import torch
-
-    def mode(deterministic: bool, fill: bool):
-        def apply():
-            torch.use_deterministic_algorithms(deterministic)
-            torch.utils.deterministic.fill_uninitialized_memory = fill
-        return apply
-
-    names = {"deterministic, NaN-fill new memory (before)": mode(True, True),
-             "deterministic, no fill (now)": mode(True, False),
-             "not deterministic": mode(False, False)}
-    try:
-        return _side_by_side({n: default_trainer(params, vocab) for n in names}, params, vocab, steps, names)
-    finally:
-        mode(True, False)()
-
-
-def levers(params, vocab: int, quick: bool, compile_: bool) -> dict:
-    import torch
-
-    from mda.train.loop import deterministic
-
-    torch.set_num_threads(params.compute.threads)
-    deterministic("cpu")
-    load = [load_average()]
-    steps, reps = (30, 5) if quick else (100, 15)
-    out = {"optimizer": lever_optimizer(params, vocab, steps),
-           "determinism_fill": lever_determinism(params, vocab, steps),
-           "evaluation_probes_in_one_forward": lever_probe_batch(params, vocab, reps),
-           "heldout_chunks": lever_heldout_chunks(params, vocab, reps),
-           "sdpa_attention": lever_sdpa(params, vocab, steps)}
-    if compile_:
-        torch.use_deterministic_algorithms(False)  # Inductor's CPU kernels are not all marked deterministic
-        try:
-            out["torch_compile"] = lever_compile(params, vocab, steps)
-        except Exception as err:  # no compiler, or an Inductor failure: record it
-            out["torch_compile"] = {"error": str(err).splitlines()[0][:300]}
-    load.append(load_average())
-    out["load_average_before_after"] = load
-    return out
 
 
 # ----------------------------------------------------------------------------- stage wall times
