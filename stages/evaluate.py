@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from mda.core.cli import run_stage
 from mda.data.stream import Stream
+from mda.evaluate.effects import COMPARISONS
 from mda.evaluate.evaluation import TABLES, evaluate, headline_metrics, json_ready
 from mda.core.io import atomic_dir, atomic_file, read_table, read_targets, write_json, write_parquet
 from mda.core.tracking import flatten, stage_run
@@ -24,7 +25,10 @@ def main(params):
         result = evaluate(params, RETRAIN, read_targets(TARGETS), read_table(SETS, "select"),
                           read_table(SCORES, "scores"), Stream(STREAM), TOKENIZER)
         metrics = headline_metrics(result)
-        metrics["verdicts"] = {v.claim: v.state + (" (exploratory)" if v.exploratory else "") for v in verdicts(result)}
+        found = verdicts(result)  # one per COMPARISONS entry, then the ICL claim
+        states = [v.state + (" (exploratory)" if v.exploratory else "") for v in found]
+        metrics["verdicts"] = {v.claim: state for v, state in zip(found, states)}
+        keys = [f"verdict.{arm}.vs.{control}" for arm, control, _ in COMPARISONS] + ["verdict.icl"]
         with atomic_dir(OUT) as tmp:
             for name in TABLES:
                 write_parquet(tmp / f"{name}.parquet", pa.Table.from_pandas(result[name], preserve_index=False))
@@ -34,6 +38,8 @@ def main(params):
             result["curves"].to_csv(tmp, index=False)
         numeric = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         run.log_metrics(numeric)
+        # The pipeline's run holds the headline numbers and verdicts: one row per experiment.
+        run.log_to_pipeline(numeric, dict(zip(keys, states)))
         run.set_tag("missing_runs", ", ".join(result["summary"]["missing_runs"]) or "none")
         run.log_artifacts(OUT, artifact_path="evaluate")
         run.log_artifact(METRICS)

@@ -1,11 +1,11 @@
-"""DVC stage `smda-curate`: the median rule's removals, same-size random removals for the SFT
-controls, and precision/recall against the ground truth → data/smda/curate/."""
+"""DVC stage `smda-curate`: every rule's removals, same-size random removals for the SFT controls,
+and precision/recall against the ground truth → data/smda/curate/ and metrics/smda_curate.json."""
 
 import pyarrow as pa
 
 from mda.core.cli import run_stage
 from mda.core.io import atomic_dir, write_json, write_parquet
-from mda.smda.pipeline import run_curate
+from mda.smda.pipeline import curate_metrics, run_curate
 from mda.core.tracking import flatten, stage_run
 
 INFLUENCE, TASK, OUT, METRICS = "data/smda/influence", "data/smda/task", "data/smda/curate", "metrics/smda_curate.json"
@@ -19,13 +19,7 @@ def main(params):
             for name in ("removed", "curation"):
                 write_parquet(tmp / f"{name}.parquet", pa.Table.from_pandas(result[name], preserve_index=False))
             write_json(tmp / "summary.json", result["summary"])
-        summary = result["summary"]
-        headline = {k: summary[k] for k in ("removed", "removed_harmful", "removed_harmless")}
-        if summary["has_truth"]:
-            truth = summary["truth"][summary["rule"]]
-            headline.update({k: truth[k] for k in ("precision", "recall", "random_precision_mean",
-                                                   "random_recall_mean", "p_precision")})
-            headline["auc_mislabelled"] = summary["auc_mislabelled"]
+        headline = curate_metrics(result["summary"])
         write_json(METRICS, headline)
         run.log_metrics({k: v for k, v in flatten(headline).items() if isinstance(v, (int, float))})
 

@@ -20,13 +20,16 @@ def main(params):
             for name in TABLES:
                 write_parquet(tmp / f"{name}.parquet", pa.Table.from_pandas(result[name], preserve_index=False))
             write_json(tmp / "summary.json", result["summary"])
-        per_set = result["per_set"]
+        per_set, hyp = result["per_set"], result["hypothesis"]
         headline = {f"{row.set}.{row.metric}": row.mean for row in per_set.itertuples()
                     if row.metric in ("soft_f1", "greedy_f1")}
+        headline["comparisons"] = {f"{row.comparison}.{row.metric}": {"mean": row.mean_difference, "low": row.low,
+                                                                      "high": row.high}
+                                   for row in hyp.itertuples() if row.metric in ("soft_f1", "greedy_f1")}
         headline.update({f"instruct.{m}": result["summary"]["instruct"][m] for m in ("soft_f1", "greedy_f1")})
         headline["missing_runs"] = len(result["summary"]["missing_runs"])
         write_json(METRICS, headline)
-        run.log_metrics(headline)
+        run.log_metrics({k: v for k, v in headline.items() if isinstance(v, (int, float))})
 
 
 if __name__ == "__main__":

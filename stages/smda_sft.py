@@ -1,5 +1,5 @@
 """DVC stage `smda-sft@<set>-<seed>`: `python -m stages.smda_sft <set> <seed>` fine-tunes the
-instruct model on the full / curated / random-removed SFT set and evaluates it on the held-out
+instruct model on one SFT set (full, oracle, a rule's curated or random-removed set) and evaluates it on the held-out
 prompts → data/smda/sft/<set>-<seed>/ (eval.parquet, train_log.parquet, meta.json)."""
 
 import sys
@@ -9,7 +9,6 @@ import pyarrow as pa
 from mda.core.cli import run_stage
 from mda.core.errors import MdaError
 from mda.core.io import atomic_dir, write_json, write_parquet
-from mda.smda.evaluate import SETS
 from mda.smda.pipeline import run_sft
 from mda.core.tracking import stage_run
 
@@ -17,8 +16,8 @@ INSTRUCT, TASK, CURATE = "data/smda/instruct", "data/smda/task", "data/smda/cura
 
 
 def parse_args(params, args):
-    if len(args) != 2 or args[0] not in SETS or not args[1].lstrip("-").isdigit():
-        raise MdaError(f"usage: python -m stages.smda_sft <{'|'.join(SETS)}> <seed>")
+    if len(args) != 2 or not args[1].lstrip("-").isdigit():
+        raise MdaError("usage: python -m stages.smda_sft <set> <seed> (a set of smda.sft.sets)")
     seed = int(args[1])
     if args[0] not in params.smda.sft.sets:
         raise MdaError(f"smda-sft: set {args[0]} is not in smda.sft.sets {params.smda.sft.sets}")

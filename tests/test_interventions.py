@@ -362,7 +362,8 @@ def test_random_arm_end_to_end_and_mlflow_tags(selected_repo):
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["shuffle-top"], "error: retrain: unknown arm 'shuffle-top' (known: baseline, remove-top, remove-random, "
-                      "remove-bottom, augment-top, augment-random, augment-synthetic)"),
+                      "remove-matched, remove-bottom, augment-top, augment-random, augment-matched, "
+                      "augment-synthetic)"),
     (["remove-random", "9"], "error: retrain: arm remove-random needs a seed from retrain.seeds [0, 1, 2]"),
 ])
 def test_retrain_bad_arguments(selected_repo, args, message):

@@ -17,9 +17,12 @@ from mda.model.neox import load_model, load_trainer_state, saved_steps
 from tests.conftest import run_stage
 
 
-def mlflow_runs(repo):
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")  # the default store: the repo root
-    return client.search_runs([client.get_experiment_by_name("mda").experiment_id])
+def mlflow_runs(repo, parents: bool = False):
+    """The stage runs of the repo's store (the default store: the repo root); `parents`: the
+    pipelines' parent runs instead."""
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    every = client.search_runs([client.get_experiment_by_name("mda").experiment_id], max_results=5000)
+    return [r for r in every if (r.data.tags.get("mda.role") == "pipeline") == parents]
 
 
 @pytest.mark.slow
@@ -37,14 +40,15 @@ def test_dvc_repro_quick_preset_runs_every_stage(quick_repo):
                            "retrain", "evaluate", "report", "lds", "smda-task", "smda-instruct", "smda-sae",
                            "smda-policy", "smda-influence", "smda-curate", "smda-sft", "smda-evaluate", "smda-report"}
     assert len(set(stages.values())) == 1, "stages of one dvc repro share a pipeline id"
-    assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 6 * 3  # every arm × seed
+    assert sum(r.data.tags["stage"] == "retrain" for r in runs) == 8 * 3  # every arm × seed
     assert json.loads((quick_repo / "data/retrain/baseline/meta.json").read_text())["reproduces_original"]
     for arm in ("augment-top", "augment-random-0", "augment-synthetic-2"):  # the placement is on record
         edit = json.loads((quick_repo / f"data/retrain/{arm}/meta.json").read_text())["edit"]
         assert edit["placement"] == edit["augment_placement"] == "in_place"
     effects = pd.read_parquet(quick_repo / "data/evaluate/effects.parquet")
-    assert len(effects) == 6 * 3 and set(effects.arm) == {"baseline", "remove-top", "augment-top", "remove-random",
-                                                          "augment-random", "augment-synthetic"}
+    assert len(effects) == 8 * 3 and set(effects.arm) == {"baseline", "remove-top", "augment-top", "remove-random",
+                                                          "remove-matched", "augment-random", "augment-matched",
+                                                          "augment-synthetic"}
     tests = pd.read_parquet(quick_repo / "data/evaluate/tests.parquet")
     assert set(tests.arm) == {"remove-top", "augment-top", "augment-synthetic"} and set(tests.test) == {"t"}
     assert set(pd.read_parquet(quick_repo / "data/evaluate/unit_effects.parquet").level) == {"head", "layer", "model"}
@@ -73,6 +77,31 @@ def test_dvc_repro_quick_preset_runs_every_stage(quick_repo):
     assert not plots.get("errors") and plots["data"]["retrain_target_score"]
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=quick_repo, capture_output=True, text=True)
     assert "up to date" in status.stdout
+
+
+@pytest.mark.slow
+def test_mlflow_store_is_one_experiment_of_nested_pipeline_runs(quick_repo):
+    """Through MLflow's client: the experiment opens on its runs (its kind tag), one parent run per
+    `dvc repro` holding every stage's run and the evaluation's headline numbers and verdicts, and
+    each retrain run open for its whole training."""
+    client = MlflowClient(f"sqlite:///{quick_repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mda")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = mlflow_runs(quick_repo, parents=True)
+    runs = mlflow_runs(quick_repo)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert parent.info.status == "FINISHED" and parent.data.tags["pipeline_id"] == runs[0].data.tags["pipeline_id"]
+    assert parent.info.start_time <= min(r.info.start_time for r in runs)
+    assert parent.info.end_time >= max(r.info.end_time for r in runs)
+    evaluate_run = next(r for r in runs if r.data.tags["stage"] == "evaluate")
+    assert parent.data.metrics["k"] == evaluate_run.data.metrics["k"]
+    assert {"verdict.remove-top.vs.remove-random", "verdict.remove-top.vs.remove-matched",
+            "verdict.icl"} <= set(parent.data.tags)
+    assert parent.data.params["select.fraction"] == "0.1"  # the experiment's params, to compare by
+    for r in (r for r in runs if r.data.tags["stage"] == "retrain"):
+        duration = (r.info.end_time - r.info.start_time) / 1000
+        assert duration >= r.data.metrics["train_seconds"] > 0, r.info.run_name
+        assert len(client.get_metric_history(r.info.run_id, "target_score")) > 2  # per step: one chart per metric
 
 
 @pytest.mark.slow

@@ -181,6 +181,53 @@ def test_median_rule_and_truth_on_a_hand_built_set():
     assert summary["precision"] == pytest.approx(2 / 3) and summary["random_precision_mean"] < 2 / 3
 
 
+def test_each_rule_on_a_hand_built_score_table():
+    """Every rule of `smda.curate.rules` on one table whose answers are worked out by hand."""
+    t = pd.DataFrame({
+        "harmful": [True] * 5 + [False] * 5,
+        #            h0    h1    h2    h3    h4    s0    s1    s2    s3    s4
+        "score":   [3.0,  2.0,  1.0, -1.0,  2.5, -0.5,  0.5,  0.0,  4.0, -3.0],
+        "score_y": [1.0, -1.0,  0.5, -2.0,  0.2,  0.1, -0.3,  0.4,  1.0,  0.2],
+        "score_x": [2.0,  3.0,  0.5,  1.0,  2.3, -0.6,  0.8, -0.4,  3.0, -3.2],
+        "loss":    [0.2,  0.3,  0.4,  3.0,  0.1,  0.5,  0.6,  0.2,  0.4,  2.0]})
+    rule = lambda name: np.flatnonzero(curate.removal_rule(t, name)).tolist()
+    # median: harmless median 0.0 → harmful below it: h3; harmful median 2.0 → harmless above it: s3
+    assert rule("median") == [3, 8]
+    assert rule("median_harmful") == [3]                 # its harmful-side flags only
+    assert rule("oriented") == rule("median")            # harmful scores higher, as `median` assumes
+    assert rule("sign") == [3, 5, 9]                     # negative scores
+    # within_class on score: harmful median 2.0, MAD median(|1, 0, 1, 3, .5|) = 1 → below 1.0: h3;
+    # harmless median 0.0, MAD median(|.5, .5, 0, 4, 3|) = .5 → below −0.5: s4
+    assert rule("within_class") == [3, 9]
+    assert rule("sign_dy") == [1, 3, 6]                  # the ΔY pathway alone
+    # within_class_dy: harmful median 0.2, MAD median(|.8, 1.2, .3, 2.2, 0|) = .8 → below −0.6: h1, h3;
+    # harmless median 0.2, MAD median(|.1, .5, .2, .8, 0|) = .2 → below 0.0: s1
+    assert rule("within_class_dy") == [1, 3, 6]
+    # sign_loss: −loss centred at its median over all pairs (median loss 0.4): loss above 0.4 goes
+    assert rule("sign_loss") == [3, 5, 6, 9]
+    # within_class_loss on −loss: harmful −loss median −0.3, MAD .1 → below −0.4: h3 (loss 3.0);
+    # harmless median −0.5, MAD .1 → below −0.6: s4 (loss 2.0)
+    assert rule("within_class_loss") == [3, 9]
+    assert set(curate.RULES) == {"median", "median_harmful", "oriented", "sign", "within_class", "sign_dy",
+                                 "within_class_dy", "sign_loss", "within_class_loss"}
+    with pytest.raises(ValueError, match="unknown curation rule"):
+        curate.removal_rule(t, "mystery")
+    # the pathways' shares of the removed pairs' |score|: sign removes h3, s0, s4
+    shares = curate.pathway_shares(t, curate.removal_rule(t, "sign"))
+    assert shares["removed"]["x_share"] == pytest.approx((1.0 + 0.6 + 3.2) / (1.0 + 0.6 + 3.2 + 2.0 + 0.1 + 0.2))
+    assert shares["removed"]["pairs"] == 3 and shares["kept"]["pairs"] == 7
+
+
+def test_comparisons_cover_every_rule_trained_and_the_oracle():
+    from mda.smda.evaluate import comparisons, set_order
+
+    sets = {"full", "oracle", "curated-sign", "random-sign", "curated-median", "random-median", "curated"}
+    assert comparisons(sets) == [("curated", "full", "≥"), ("curated-median", "full", "≥"), ("full", "random-median", ">"),
+                                 ("curated-sign", "full", "≥"), ("full", "random-sign", ">"), ("oracle", "full", "≥")]
+    assert set_order(sets) == ["full", "curated", "curated-median", "random-median", "curated-sign", "random-sign",
+                               "oracle"]
+
+
 def test_auc_matches_mann_whitney():
     from scipy.stats import mannwhitneyu
 

@@ -23,7 +23,7 @@ SMDA_TINY = {"smda": {
     "sae": {"width": 32, "k": 4, "steps": 30, "batch_size": 64, "aux_k": 4},
     "policy": {"feature_threshold": 0.0, "generate_tokens": 2},
     "curate": {"rule": "oriented", "random_draws": 20},  # the median rule removes a whole class here
-    "sft": {"epochs": 1, "batch_size": 8},
+    "sft": {"epochs": 1, "batch_size": 8, "sets": ["full", "curated", "random", "oracle", "curated-sign", "random-sign"]},
     "evaluate": {"generate_tokens": 2},
 }}
 CHAIN = ["smda_task", "smda_instruct", "smda_sae", "smda_policy", "smda_influence", "smda_curate"]
@@ -45,7 +45,7 @@ def run_in_process(repo: Path, stage: str, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def smda_repo(trained_repo):
-    """The tiny repo after every SMDA stage (4 SFT sets × 3 seeds)."""
+    """The tiny repo after every SMDA stage (6 SFT sets × 3 seeds)."""
     set_params(trained_repo, SMDA_TINY)
     params = load_params(trained_repo / "params.yaml")
     for stage in CHAIN:
@@ -79,12 +79,23 @@ def test_the_chain_runs_and_checks_itself(smda_repo):
     for where in ("heldout_every_position", "heldout_last_token"):
         assert 0.0 <= sae[where]["dead_share"] <= 1.0 and sae[where]["explained_variance"] <= 1.0
     curate = json.loads((data / "curate/summary.json").read_text())
-    assert curate["has_truth"] and set(curate["truth"]) == {"median", "oriented"}
+    from mda.smda.curate import RULES, removal_rule
+
+    assert curate["has_truth"] and set(curate["truth"]) == set(RULES) == set(curate["per_rule"])
     import pandas as pd
 
     runs = pd.read_parquet(data / "evaluate/runs.parquet")
-    assert sorted(zip(runs.set, runs.seed)) == sorted((s, k) for s in ("full", "curated", "random", "oracle")
-                                                      for k in (0, 1, 2))
+    sets = ("full", "curated", "random", "oracle", "curated-sign", "random-sign")
+    assert sorted(zip(runs.set, runs.seed)) == sorted((s, k) for s in sets for k in (0, 1, 2))
+    # a rule's own sets: exactly the pairs its rule removes, and random ones of the same size per class
+    scores = pd.read_parquet(data / "influence/scores.parquet")
+    removed = pd.read_parquet(data / "curate/removed.parquet")
+    sign = set(scores.pair_id[removal_rule(scores, "sign")])
+    assert set(removed[removed.set == "curated-sign"].pair_id) == sign
+    assert (runs[runs.set == "curated-sign"].pairs == 16 - len(sign)).all()
+    assert (runs[runs.set == "random-sign"].pairs == 16 - len(sign)).all()
+    hyp = pd.read_parquet(data / "evaluate/hypothesis.parquet")
+    assert {"curated-sign ≥ full", "full > random-sign", "curated ≥ full", "oracle ≥ full"} <= set(hyp.comparison)
     assert (runs[runs.set == "full"].pairs == 16).all() and (runs[runs.set == "oracle"].pairs < 16).all()
     assert runs[runs.set == "curated"].pairs.iloc[0] == 16 - curate["removed"]
     page = (smda_repo / "reports/smda/report.html").read_text()
@@ -204,3 +215,27 @@ def test_curated_set_without_one_class_stops_the_sft_run(copy_of):
     res = run_stage(copy_of, "smda_sft", args=["curated", "0"])
     assert_clean_failure(res, 1, "error: data/smda/curate/removed.parquet: the curated set (seed 0) has no harmless "
                                  "pair (column harmful); SMDA needs both classes", copy_of / "data/smda/sft/curated-0")
+
+
+@pytest.mark.slow
+def test_rules_table_reads_the_stages_metrics(smda_repo, tmp_path):
+    """`python -m mda.smda.rules_table` on a results folder holding what the stages wrote."""
+    from mda.smda.rules_table import main
+
+    folder = tmp_path / "task-seed-0"
+    (folder / "metrics").mkdir(parents=True)
+    shutil.copy(smda_repo / "params.yaml", folder / "params.yaml")
+    for name in ("smda_curate", "smda_evaluate"):
+        shutil.copy(smda_repo / f"metrics/{name}.json", folder / f"metrics/{name}.json")
+    out = tmp_path / "table.md"
+    main(["--dirs", str(folder), "--out", str(out), "--json", str(tmp_path / "rows.json")])
+    rows = {r["rule"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    curate = json.loads((smda_repo / "data/smda/curate/summary.json").read_text())
+    assert set(rows) == set(curate["per_rule"])
+    assert rows["sign"]["trained"] and not rows["within_class"]["trained"]  # only sign's sets were trained
+    assert rows["sign"]["precision"] == curate["truth"]["sign"]["precision"]
+    hyp = __import__("pandas").read_parquet(smda_repo / "data/smda/evaluate/hypothesis.parquet")
+    soft = hyp[(hyp.comparison == "curated-sign ≥ full") & (hyp.metric == "soft_f1")].iloc[0]
+    assert rows["sign"]["curated_minus_full_soft_f1"]["mean"] == pytest.approx(soft.mean_difference)
+    text = out.read_text()
+    assert "| 0 | `sign` † |" in text and "`median`:" in text

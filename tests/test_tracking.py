@@ -80,8 +80,14 @@ def test_parallel_stages_on_a_new_store_lose_no_run(tmp_path):
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     assert all(code == 0 for code, _ in results), [err[-2000:] for _, err in results]
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("mda").experiment_id], max_results=1000)
+    every = client.search_runs([client.get_experiment_by_name("mda").experiment_id], max_results=1000)
+    parents = [r for r in every if r.data.tags.get("mda.role") == "pipeline"]
+    runs = [r for r in every if r.data.tags.get("mda.role") != "pipeline"]
     assert len(runs) == 60 and all(r.info.status == "FINISHED" for r in runs)
+    # outside DVC each process is its own pipeline: one parent each, its 15 runs nested under it
+    assert len(parents) == 4 and all(p.info.status == "FINISHED" for p in parents)
+    children = {p.info.run_id: sum(r.data.tags["mlflow.parentRunId"] == p.info.run_id for r in runs) for p in parents}
+    assert sorted(children.values()) == [15] * 4
     assert sorted(r.data.tags["writer"] for r in runs) == sorted(str(w) for w in range(4) for _ in range(15))
     assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 20 for r in runs[:8])
 

@@ -32,6 +32,10 @@ from typing import Callable, Iterator, TypeVar
 from mda.core.errors import MdaError
 
 EXPERIMENT = "mda"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""MLflow 3 opens an experiment of this kind on its runs table, not on the GenAI traces overview."""
+PIPELINE_RUN_TAG = "mda.pipeline_run"
+"""Tag of a pipeline's parent run (value: the pipeline id); every stage's run is nested under it."""
 LOCK_TIMEOUT_S = 300.0
 """Longest wait for the store's lock file or a locked database before the stage gives up."""
 FLUSH_EVERY_S = 5.0
@@ -175,13 +179,34 @@ class Store:
                 delay = min(delay * 2, 2.0)
 
     def experiment_id(self, name: str = EXPERIMENT) -> str:
+        """The experiment's id, created if needed, marked as model training (`EXPERIMENT_KIND`) —
+        also in stores made before the tag existed."""
         def get_or_create():
+            key, kind = EXPERIMENT_KIND
             exp = self.client.get_experiment_by_name(name)
-            if exp is not None:
-                return exp.experiment_id
-            artifacts = (repo_root() / "mlartifacts").resolve().as_uri()
-            return self.client.create_experiment(name, artifact_location=artifacts)
+            if exp is None:
+                artifacts = (repo_root() / "mlartifacts").resolve().as_uri()
+                return self.client.create_experiment(name, artifact_location=artifacts, tags={key: kind})
+            if exp.tags.get(key) != kind:
+                self.client.set_experiment_tag(exp.experiment_id, key, kind)
+            return exp.experiment_id
         return self.call(get_or_create)
+
+    def pipeline_run(self, experiment_id: str, pipeline: str, name: str, tags: dict[str, str],
+                     params: dict | None = None) -> str:
+        """The parent run of pipeline `pipeline` (one `dvc repro` / `dvc exp run`): found by its
+        tag, or created — under the store's lock, so two stages never make two."""
+        def find_or_create():
+            found = self.client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline}'",
+                                            max_results=1)
+            if found:
+                return found[0].info.run_id, False
+            run = self.client.create_run(experiment_id, run_name=name, tags={PIPELINE_RUN_TAG: pipeline, **tags})
+            return run.info.run_id, True
+        run_id, created = self.call(find_or_create)
+        if created and params:
+            StageRun(self, run_id).log_params(params)
+        return run_id
 
     def mark_killed_runs(self, experiment_id: str) -> list[str]:
         """Runs still RUNNING whose process on this host is gone: set FAILED, tag `mda.killed`."""
@@ -205,12 +230,23 @@ class Store:
 
 
 class StageRun:
-    """One MLflow run. Every write goes through the store's lock; step metrics are batched."""
+    """One MLflow run. Every write goes through the store's lock; step metrics are batched.
+    `parent`: the pipeline's run, which holds what experiments are compared by."""
 
-    def __init__(self, store: Store, run_id: str):
-        self.store, self.run_id = store, run_id
+    def __init__(self, store: Store, run_id: str, parent: str | None = None):
+        self.store, self.run_id, self.parent = store, run_id, parent
         self._pending: list = []
         self._last_flush = time.monotonic()
+
+    def log_to_pipeline(self, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
+        """Headline metrics and verdicts on the pipeline's parent run (one row per experiment)."""
+        if self.parent:
+            from mlflow.entities import Metric, RunTag
+
+            now = int(time.time() * 1000)
+            self.store.call(self.client.log_batch, self.parent,
+                            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+                            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
     @property
     def client(self):
@@ -258,6 +294,24 @@ class StageRun:
         self.store.call(self.client.log_dict, self.run_id, obj, name)
 
 
+def _run_tags(tags: dict[str, str]):
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)) for k, v in tags.items()]
+
+
+def workspace_params() -> dict:
+    """The params file of the workspace the stage runs in (a `dvc exp run --temp` copy included),
+    flattened onto the pipeline's run so that experiments compare by it; {} without one."""
+    import yaml
+
+    path = Path.cwd() / "params.yaml"
+    try:
+        return flatten(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
 def _process_tags() -> dict[str, str]:
     import psutil
 
@@ -293,11 +347,18 @@ def stage_run(stage: str, params: dict, run_name: str | None = None,
     store = Store()
     experiment_id = store.experiment_id()
     store.mark_killed_runs(experiment_id)
-    all_tags = {"stage": stage, "pipeline_id": pipeline_id(), "git_commit": git_commit(),
-                "dvc_exp": os.environ.get("DVC_EXP_NAME", ""), **_process_tags()}
+    pipeline, commit, exp = pipeline_id(), git_commit(), os.environ.get("DVC_EXP_NAME", "")
+    common = {"pipeline_id": pipeline, "git_commit": commit, "dvc_exp": exp}
+    parent = store.pipeline_run(experiment_id, pipeline, exp or f"repro {commit[:7]}",
+                                {**common, "mda.role": "pipeline"}, workspace_params())
+    # The parent runs from its first stage's start to its last stage's end: RUNNING while a stage
+    # runs (with that stage's process, so a kill is detected), ended by each stage as it ends.
+    store.call(store.client.update_run, parent, "RUNNING")
+    store.call(store.client.log_batch, parent, tags=_run_tags({**_process_tags()}))
+    all_tags = {"stage": stage, **common, "mlflow.parentRunId": parent, **_process_tags()}
     all_tags.update(tags or {})
     info = store.call(store.client.create_run, experiment_id, run_name=run_name or stage, tags=all_tags).info
-    run = StageRun(store, info.run_id)
+    run = StageRun(store, info.run_id, parent)
     status = "FAILED"
     try:
         run.log_params(params)
@@ -312,3 +373,4 @@ def stage_run(stage: str, params: dict, run_name: str | None = None,
             run.flush()
         finally:
             store.call(store.client.set_terminated, info.run_id, status)
+            store.call(store.client.set_terminated, parent, status)

@@ -17,9 +17,28 @@ from mda.evaluate.stats import t_interval
 SETS = ("full", "curated", "random", "oracle")
 METRICS = ("soft_correctness", "soft_precision", "soft_recall", "soft_f1",
            "greedy_accuracy", "greedy_precision", "greedy_recall", "greedy_f1")
-HYPOTHESIS = (("curated", "full", "≥"), ("full", "random", ">"), ("oracle", "full", "≥"))
-"""curated ≥ full > random-removed (SMDA's claim), and oracle ≥ full (whether removing exactly the
-mislabelled pairs helps at all): per metric, each pair (a, b) compared by the per-seed difference."""
+
+
+def comparisons(sets: set[str]) -> list[tuple[str, str, str]]:
+    """(a, b, relation) for every pair of present sets: per rule R, curated[-R] ≥ full and full >
+    random[-R] (SMDA's claim, curated ≥ full > random), and oracle ≥ full (whether removing exactly
+    the mislabelled pairs helps at all)."""
+    out = []
+    for curated in sorted(x for x in sets if x.startswith("curated")):
+        rule = curated.removeprefix("curated")
+        out.append((curated, "full", "≥"))
+        if f"random{rule}" in sets:
+            out.append(("full", f"random{rule}", ">"))
+    if "oracle" in sets:
+        out.append(("oracle", "full", "≥"))
+    return out
+
+
+def set_order(names) -> list[str]:
+    """full, then each rule's curated and random sets, then oracle."""
+    rank = lambda n: (0 if n == "full" else 2 if n == "oracle" else 1, n.split("-", 1)[-1] if "-" in n else "",
+                      n.startswith("random"))
+    return sorted(set(names), key=rank)
 
 
 def refusal_metrics(p: np.ndarray, harmful: np.ndarray, prefix: str) -> dict[str, float]:
@@ -44,7 +63,7 @@ def run_metrics(outputs: pd.DataFrame) -> dict[str, float]:
 def per_set(runs: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """Per set and metric: mean and t-interval over seeds."""
     rows = []
-    for name in [s for s in SETS if s in set(runs.set)]:
+    for name in set_order(runs.set):
         sub = runs[runs.set == name]
         for metric in METRICS:
             mean, low, high = t_interval(sub[metric], confidence)
@@ -53,20 +72,19 @@ def per_set(runs: pd.DataFrame, confidence: float) -> pd.DataFrame:
 
 
 def hypothesis(runs: pd.DataFrame, confidence: float) -> pd.DataFrame:
-    """Per comparison (curated vs full, full vs random) and metric: the per-seed difference's
-    mean and t-interval, and whether the hypothesised direction holds (on the mean) and is
-    clear (the interval excludes 0 on that side)."""
+    """Per comparison (`comparisons`) and metric: the per-seed difference's mean and t-interval,
+    and whether the hypothesised direction holds (on the mean) and is clear (the interval
+    excludes 0 on that side)."""
     rows = []
     wide = runs.set_index(["set", "seed"])
-    for a, b, relation in HYPOTHESIS:
-        if a not in set(runs.set) or b not in set(runs.set):
-            continue
+    for a, b, relation in comparisons(set(runs.set)):
         seeds = sorted(set(runs[runs.set == a].seed) & set(runs[runs.set == b].seed))
         for metric in METRICS:
             diff = [wide.loc[(a, s), metric] - wide.loc[(b, s), metric] for s in seeds]
             mean, low, high = t_interval(diff, confidence)
             holds = mean >= 0 if relation == "≥" else mean > 0
-            rows.append({"comparison": f"{a} {relation} {b}", "metric": metric, "mean_difference": mean,
-                         "low": low, "high": high, "seeds": len(seeds), "direction_holds": bool(holds),
+            rows.append({"comparison": f"{a} {relation} {b}", "a": a, "b": b, "metric": metric,
+                         "mean_difference": mean, "low": low, "high": high, "seeds": len(seeds),
+                         "direction_holds": bool(holds),
                          "interval_excludes_zero": bool(np.isfinite(low) and (low > 0 or high < 0))})
     return pd.DataFrame(rows)

@@ -202,27 +202,36 @@ def run_influence(params: Params, instruct_dir, sae_dir, policy_dir, task_dir) -
 
 # ----------------------------------------------------------------------------- smda-curate
 def run_curate(params: Params, influence_dir, task_dir) -> dict:
-    """The configured rule's removal, the random controls the SFT runs use, and — where the
-    task has a ground truth — every rule's precision/recall against it and the scores' ranking
-    of the mislabelled pairs within each class (AUC)."""
+    """Every rule's removal (`smda.curate.rules`), the random controls the SFT runs use (same size
+    per class as each rule's), the pathways' shares of the removed pairs' scores, and — where the
+    task has a ground truth — every rule's precision/recall against it and the scores' ranking of
+    the mislabelled pairs within each class (AUC)."""
     c = params.smda.curate
     scores = read_table(Path(influence_dir) / "scores.parquet", "smda-influence")
     harmful = scores.harmful.to_numpy(bool)
-    by_rule = {rule: curation.removal_rule(scores, rule) for rule in curation.RULES}
-    removed = by_rule[c.rule]
-    counts = curation.class_counts(harmful, removed)
-    sets = [pd.DataFrame({"set": "curated", "seed": -1, "pair_id": scores.pair_id[removed]})]
-    for seed in params.smda.sft.seeds:
-        rand = curation.random_removal(harmful, counts, seed)
-        sets.append(pd.DataFrame({"set": "random", "seed": seed, "pair_id": scores.pair_id[rand]}))
+    by_rule = {rule: curation.removal_rule(scores, rule) for rule in c.rules}
+    sets = []
+    for rule, removed in by_rule.items():
+        sets.append(pd.DataFrame({"set": f"curated-{rule}", "seed": -1, "pair_id": scores.pair_id[removed]}))
+        counts = curation.class_counts(harmful, removed)
+        for seed in params.smda.sft.seeds:
+            rand = curation.random_removal(harmful, counts, seed)
+            sets.append(pd.DataFrame({"set": f"random-{rule}", "seed": seed, "pair_id": scores.pair_id[rand]}))
     truth = read_truth(task_dir).set_index("pair_id").mislabelled.reindex(scores.pair_id)
     has_truth = bool(truth.notna().all()) and bool(len(truth))
     if has_truth:
         sets.append(pd.DataFrame({"set": "oracle", "seed": -1, "pair_id": scores.pair_id[truth.to_numpy(bool)]}))
     removed_table = pd.concat(sets, ignore_index=True).astype({"seed": "int64", "pair_id": "int64"})
     table = scores[["pair_id", "harmful", "score"]].assign(**{f"removed_{r}": v for r, v in by_rule.items()})
-    summary = {"rule": c.rule, "removed": int(removed.sum()), "removed_harmful": counts[True],
-               "removed_harmless": counts[False], "kept": int((~removed).sum()),
+    chosen = by_rule[c.rule]
+    counts = curation.class_counts(harmful, chosen)
+    summary = {"rule": c.rule, "rules": list(c.rules), "declared_in_advance": [r for r in c.rules
+                                                                             if r in curation.DECLARED_IN_ADVANCE],
+               "removed": int(chosen.sum()), "removed_harmful": counts[True], "removed_harmless": counts[False],
+               "kept": int((~chosen).sum()),
+               "per_rule": {r: {"removed": int(v.sum()), **{f"removed_{'harmful' if k else 'harmless'}": n
+                                                           for k, n in curation.class_counts(harmful, v).items()},
+                                "pathways": curation.pathway_shares(scores, v)} for r, v in by_rule.items()},
                "median_score": {"harmful": float(np.median(scores.score[harmful])),
                                 "harmless": float(np.median(scores.score[~harmful]))}}
     summary["has_truth"] = has_truth
@@ -234,7 +243,27 @@ def run_curate(params: Params, influence_dir, task_dir) -> dict:
         s = scores.score.to_numpy(float)
         summary["auc_mislabelled"] = {name: curation.auc(s[harmful == cls], mislabelled[harmful == cls])
                                       for cls, name in ((True, "harmful"), (False, "harmless"))}
+        summary["pathways_mislabelled"] = curation.pathway_shares(scores, mislabelled)
     return {"removed": removed_table, "curation": table, "summary": summary}
+
+
+def curate_metrics(summary: dict) -> dict:
+    """What `dvc metrics show` lists: the configured rule's removal (and, with a ground truth, its
+    precision / recall against random removals), and every rule's under `rules`."""
+    fields = ("precision", "recall", "random_precision_mean", "random_recall_mean", "p_precision", "p_recall")
+    out = {k: summary[k] for k in ("rule", "removed", "removed_harmful", "removed_harmless")}
+    if summary["has_truth"]:
+        out.update({k: summary["truth"][summary["rule"]][k] for k in fields})
+        out["auc_mislabelled"] = summary["auc_mislabelled"]
+    out["rules"] = {r: {"removed": v["removed"], "x_share_removed": v["pathways"]["removed"]["x_share"],
+                        **({k: summary["truth"][r][k] for k in fields} if summary["has_truth"] else {})}
+                    for r, v in summary["per_rule"].items()}
+    return out
+
+
+def resolved_set(set_name: str, rule: str) -> str:
+    """`curated` / `random` are the configured rule's sets; other names are themselves."""
+    return f"{set_name}-{rule}" if set_name in ("curated", "random") else set_name
 
 
 def removed_pairs(curate_dir, set_name: str, seed: int) -> set[int]:
@@ -242,9 +271,14 @@ def removed_pairs(curate_dir, set_name: str, seed: int) -> set[int]:
     removed = read_table(path, "smda-curate")
     if set_name == "full":
         return set()
-    if set_name == "oracle" and not read_json(path.with_name("summary.json"), "rerun smda-curate")["has_truth"]:
+    summary = read_json(path.with_name("summary.json"), "rerun smda-curate")
+    if set_name == "oracle" and not summary["has_truth"]:
         raise MdaError(f"{path}: no oracle set — the task has no ground truth; drop oracle from smda.sft.sets")
-    rows = removed[(removed.set == set_name) & (removed.seed == (seed if set_name == "random" else -1))]
+    name = resolved_set(set_name, summary["rule"])
+    if name not in set(removed.set):
+        raise MdaError(f"{path}: no set {name!r} (the curate stage applied rules {', '.join(summary['rules'])}); "
+                       "add its rule to smda.curate.rules")
+    rows = removed[(removed.set == name) & (removed.seed == (seed if name.startswith("random") else -1))]
     return set(rows.pair_id.tolist())
 
 

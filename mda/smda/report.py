@@ -17,8 +17,14 @@ from mda.core import plots
 from mda.core.io import read_json, read_table
 from mda.evaluate.fmt import fmt, with_ci
 from mda.report.document import Document
+from mda.smda.evaluate import set_order
 
 SET_COLOURS = {"full": "tab:gray", "curated": "tab:blue", "random": "lightcoral", "oracle": "tab:green"}
+
+
+def set_colour(name: str) -> str:
+    """A set's colour by its kind (`curated-sign` is a curated set)."""
+    return SET_COLOURS.get(name.split("-", 1)[0], "tab:purple")
 TOP_PAIRS = 12
 
 
@@ -126,14 +132,14 @@ def plot_top_pairs(per_feature: pd.DataFrame, scores: pd.DataFrame, path) -> lis
 
 def plot_sft(per_set: pd.DataFrame, before: dict, path) -> None:
     metrics = ["soft_f1", "soft_correctness", "greedy_f1", "greedy_accuracy"]
-    sets = [s for s in SET_COLOURS if s in set(per_set.set)]
-    fig, ax = plots.plt.subplots(figsize=(8, 4))
+    sets = set_order(per_set.set)
+    fig, ax = plots.plt.subplots(figsize=(8 + 0.4 * max(0, len(sets) - 4), 4))
     width = 0.8 / max(1, len(sets))
     for i, name in enumerate(sets):
         sub = per_set[per_set.set == name].set_index("metric").reindex(metrics)
         x = np.arange(len(metrics)) + (i - (len(sets) - 1) / 2) * width
         err = np.vstack([sub["mean"] - sub["low"], sub["high"] - sub["mean"]])
-        ax.bar(x, sub["mean"], width, yerr=np.nan_to_num(err), capsize=3, color=SET_COLOURS[name], label=name)
+        ax.bar(x, sub["mean"], width, yerr=np.nan_to_num(err), capsize=3, color=set_colour(name), label=name)
     for j, metric in enumerate(metrics):
         ax.hlines(before[metric], j - 0.45, j + 0.45, color="black", lw=1.5, label="instruct (before SFT)" if j == 0 else None)
     ax.set_xticks(range(len(metrics)), [m.replace("_", " ") for m in metrics])
@@ -147,21 +153,26 @@ def plot_sft(per_set: pd.DataFrame, before: dict, path) -> None:
 # ----------------------------------------------------------------------------- text
 def curation_table(curate: dict) -> pd.DataFrame:
     rows = []
+    declared = set(curate.get("declared_in_advance", []))
     for rule, t in curate["truth"].items():
-        rows.append({"rule": rule + (" (used)" if rule == curate["rule"] else ""),
+        pathways = curate.get("per_rule", {}).get(rule, {}).get("pathways", {}).get("removed", {})
+        rows.append({"rule": rule + (" (used)" if rule == curate["rule"] else "")
+                     + (" (declared in advance)" if rule in declared else ""),
+                     "removed": curate.get("per_rule", {}).get(rule, {}).get("removed", "—"),
                      "precision": fmt(t["precision"]), "recall": fmt(t["recall"]),
                      "random: precision [95 % range]": f"{fmt(t['random_precision_mean'])} "
                                                        f"[{fmt(t['random_precision_low'])}, {fmt(t['random_precision_high'])}]",
                      "random: recall [95 % range]": f"{fmt(t['random_recall_mean'])} "
                                                     f"[{fmt(t['random_recall_low'])}, {fmt(t['random_recall_high'])}]",
-                     "p (precision ≥ random)": fmt(t["p_precision"])})
+                     "p (precision ≥ random)": fmt(t["p_precision"]),
+                     "ΔX share of removed pairs' |score|": fmt(pathways.get("x_share"))})
     return pd.DataFrame(rows)
 
 
 def sft_table(per_set: pd.DataFrame, runs: pd.DataFrame, before: dict) -> pd.DataFrame:
     metrics = ["soft_f1", "soft_correctness", "greedy_f1", "greedy_accuracy"]
     rows = [{"set": "instruct (no SFT)", "pairs": "—", **{m: fmt(before[m]) for m in metrics}}]
-    for name in [s for s in SET_COLOURS if s in set(per_set.set)]:
+    for name in set_order(per_set.set):
         sub = per_set[per_set.set == name].set_index("metric")
         pairs = runs[runs.set == name].pairs
         rows.append({"set": name, "pairs": f"{pairs.min()}" if pairs.nunique() == 1 else f"{pairs.min()}–{pairs.max()}",

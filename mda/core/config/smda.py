@@ -193,24 +193,51 @@ class SmdaInfluence(SmdaSection):
     """Learning rate of the one plain SGD step per pair (loss on its response tokens)."""
 
 
+RuleName = Literal["median", "oriented", "sign", "within_class", "median_harmful",
+                   "sign_loss", "within_class_loss", "sign_dy", "within_class_dy"]
+"""Curation rules (`mda.smda.curate`). On the pair's score: `median` (SMDA's published rule),
+`oriented` (its direction read from the class medians; chosen after seeing scores: an ablation),
+`sign` and `within_class` (declared before any of their results), `median_harmful` (the published
+rule's harmful-side flags only, what the authors acted on). Baselines — the same `sign` /
+`within_class` rules on another per-pair statistic: `*_loss` on −(the pair's SFT loss under the
+instruct model), `*_dy` on the ΔY pathway's score alone."""
+
+
 class SmdaCurate(SmdaSection):
     """Curation by the influence scores, and random controls (stage `smda-curate`)."""
 
-    rule: Literal["median", "oriented"] = "median"
-    """`median`: SMDA's rule — drop harmful pairs scoring below the harmless pairs' median and
-    harmless pairs above the harmful pairs' median; `oriented`: the same medians with the
-    direction read from which class scores higher (mda.smda.curate). Both are reported."""
+    rule: RuleName = "median"
+    """The rule whose removal the SFT sets `curated` / `random` use (SMDA's `median` by default);
+    every rule in `rules` is measured against the ground truth and can be trained as
+    `curated-<rule>` / `random-<rule>` (`smda.sft.sets`)."""
+    rules: list[RuleName] = Field(default_factory=lambda: ["median", "oriented", "sign", "within_class",
+                                                           "median_harmful", "sign_loss", "within_class_loss",
+                                                           "sign_dy", "within_class_dy"])
+    """Rules the curate stage applies and reports (precision / recall against the truth, random
+    controls, the pathways' shares of the removed pairs' scores)."""
     random_draws: int = Field(1000, ge=1)
     """Random removals of the same size per class (seeds 0…n−1) for the precision/recall null;
     the `random` SFT arm of seed s uses draw s."""
+
+    @model_validator(mode="after")
+    def _rule_listed(self):
+        if self.rule not in self.rules:
+            raise ValueError(f"rule {self.rule!r} must be one of rules {self.rules}")
+        if len(set(self.rules)) != len(self.rules):
+            raise ValueError("rules must not repeat")
+        return self
+
+
+SET_PATTERN = r"^(full|oracle|curated|random)(-(median|oriented|sign|within_class|median_harmful|sign_loss|" \
+              r"within_class_loss|sign_dy|within_class_dy))?$"
 
 
 class SmdaSft(SftRecipe):
     """SFT of the instruct model on the full / curated / random-removed sets (`smda-sft`)."""
 
-    sets: list[Literal["full", "curated", "random", "oracle"]] = Field(
-        default_factory=lambda: ["full", "curated", "random", "oracle"])
-    """Which SFT sets to train: `full`; `curated` (the rule's removal); `random` (as many pairs
+    sets: list[str] = Field(default_factory=lambda: ["full", "curated", "random", "oracle"])
+    """Which SFT sets to train: `full`; `curated` (`smda.curate.rule`'s removal) or
+    `curated-<rule>` (any rule of `smda.curate.rules`); `random` / `random-<rule>` (as many pairs
     per class removed at random); `oracle` (exactly the known mislabelled pairs removed — the
     ceiling for curation; needs a task with ground truth)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
@@ -218,10 +245,16 @@ class SmdaSft(SftRecipe):
 
     @model_validator(mode="after")
     def _seeds(self):
+        import re
+
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be non-empty and must not repeat")
         if not self.sets or len(set(self.sets)) != len(self.sets) or "full" not in self.sets:
             raise ValueError("sets must include full and must not repeat")
+        for name in self.sets:
+            if not re.match(SET_PATTERN, name) or name in ("full-", "oracle-") or \
+                    (name.split("-", 1)[0] in ("full", "oracle") and "-" in name):
+                raise ValueError(f"sets: {name!r} is not full, oracle, curated[-<rule>] or random[-<rule>]")
         return self
 
 
@@ -255,6 +288,14 @@ class Smda(SmdaSection):
     """Fine-tuning on the full / curated / random / oracle sets (`smda-sft`)."""
     evaluate: SmdaEvaluate = SmdaEvaluate()
     """Held-out refusal metrics (`smda-evaluate`)."""
+
+    @model_validator(mode="after")
+    def _sets_have_rules(self):
+        for name in self.sft.sets:
+            rule = name.split("-", 1)[1] if "-" in name else None
+            if rule is not None and rule not in self.curate.rules:
+                raise ValueError(f"sft.sets: {name!r} needs rule {rule!r} in curate.rules")
+        return self
 
     @model_validator(mode="after")
     def _instruct_data(self):
