@@ -11,7 +11,8 @@ from mda.data.stream import Stream
 from mda.evaluate.effects import COMPARISONS
 from mda.evaluate.evaluation import TABLES, evaluate, headline_metrics, json_ready
 from mda.core.io import atomic_dir, atomic_file, read_table, read_targets, write_json, write_parquet
-from mda.core.tracking import flatten, stage_run
+from mda.core.provenance import flatten
+from mda.core.tracking import stage_run
 from mda.evaluate.verdicts import verdicts
 
 RETRAIN, TARGETS, OUT = "data/retrain", "data/locate/targets.json", "data/evaluate"

@@ -11,7 +11,8 @@ import pandas as pd
 from mda.core.cli import run_stage
 from mda.core.io import read_json, read_table
 from mda.report.build import FIGURES, read_evaluation, write_report
-from mda.core.tracking import git_commit, repo_root, stage_run
+from mda.core.provenance import git_commit, repo_root
+from mda.core.tracking import stage_run
 
 EVALUATE, SCORES, OUT = "data/evaluate", "data/scores/scores.parquet", "reports"
 TOKENS, SCORE_METRICS = "data/scores/tokens.parquet", "metrics/scores.json"

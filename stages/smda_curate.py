@@ -6,7 +6,8 @@ import pyarrow as pa
 from mda.core.cli import run_stage
 from mda.core.io import atomic_dir, write_json, write_parquet
 from mda.smda.pipeline import curate_metrics, run_curate
-from mda.core.tracking import flatten, stage_run
+from mda.core.provenance import flatten
+from mda.core.tracking import stage_run
 
 INFLUENCE, TASK, OUT, METRICS = "data/smda/influence", "data/smda/task", "data/smda/curate", "metrics/smda_curate.json"
 

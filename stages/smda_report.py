@@ -7,7 +7,8 @@ import yaml
 from mda.core.cli import run_stage
 from mda.core.io import atomic_dir
 from mda.smda.report import build_report, read_results, write_document
-from mda.core.tracking import git_commit, stage_run
+from mda.core.provenance import git_commit
+from mda.core.tracking import stage_run
 
 DATA, OUT = "data/smda", "reports/smda"
 

@@ -49,7 +49,9 @@ def test_a_failing_stage_ends_its_run_failed(tmp_path, monkeypatch):
 def test_default_store_is_sqlite_at_dvc_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mda.core.provenance import tracking_uri
+
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 WRITER = textwrap.dedent("""

@@ -19,17 +19,16 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import socket
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from mda.core.errors import MdaError
+from mda.core.provenance import flatten, git_commit, pipeline_id, process_tags, repo_root, tracking_uri, workspace_params
 
 EXPERIMENT = "mda"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -42,73 +41,6 @@ FLUSH_EVERY_S = 5.0
 FLUSH_ROWS = 500
 
 T = TypeVar("T")
-
-
-def repo_root() -> Path:
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"])
-    here = Path.cwd().resolve()
-    for p in (here, *here.parents):
-        if (p / ".dvc").is_dir() or (p / "dvc.yaml").is_file():
-            return p
-    return here
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
-
-
-def pipeline_id() -> str:
-    """Identify the `dvc repro` (or `dvc exp run`) process that launched this stage.
-
-    Stages run as separate processes; their nearest `dvc` ancestor is the same process
-    for one pipeline run, so its pid and start time name the group. `MDA_PIPELINE_ID`
-    overrides; outside DVC each process is its own pipeline.
-    """
-    if os.environ.get("MDA_PIPELINE_ID"):
-        return os.environ["MDA_PIPELINE_ID"]
-    import psutil
-
-    proc = psutil.Process()
-    anchor = proc
-    try:
-        for parent in proc.parents():
-            cmd = " ".join(parent.cmdline()[:3])
-            if "dvc" in Path(parent.cmdline()[0]).name or " -m dvc" in cmd or "/dvc " in cmd + " ":
-                anchor = parent
-                break
-            if "torchrun" in cmd or "torch.distributed.run" in cmd:
-                anchor = parent  # ranks of one launch share the launcher, if no dvc is above it
-    except (psutil.Error, IndexError):
-        pass
-    return hashlib.sha1(f"{anchor.pid}-{anchor.create_time()}".encode()).hexdigest()[:12]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    """Nested dicts (and params sections) → {"a.b.c": value}."""
-    from pydantic import BaseModel
-
-    from mda.core.config import unwrap
-
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        v = unwrap(v)
-        if isinstance(v, BaseModel):
-            v = v.model_dump()
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- serialised store access
@@ -300,25 +232,6 @@ def _run_tags(tags: dict[str, str]):
     return [RunTag(k, str(v)) for k, v in tags.items()]
 
 
-def workspace_params() -> dict:
-    """The params file of the workspace the stage runs in (a `dvc exp run --temp` copy included),
-    flattened onto the pipeline's run so that experiments compare by it; {} without one."""
-    import yaml
-
-    path = Path.cwd() / "params.yaml"
-    try:
-        return flatten(yaml.safe_load(path.read_text()) or {})
-    except (OSError, yaml.YAMLError):
-        return {}
-
-
-def _process_tags() -> dict[str, str]:
-    import psutil
-
-    return {"mda.host": socket.gethostname(), "mda.pid": str(os.getpid()),
-            "mda.proc_start": repr(psutil.Process().create_time())}
-
-
 class NullRun:
     """What ranks other than 0 of a distributed stage log to: nothing (rank 0 logs the run)."""
 
@@ -354,8 +267,8 @@ def stage_run(stage: str, params: dict, run_name: str | None = None,
     # The parent runs from its first stage's start to its last stage's end: RUNNING while a stage
     # runs (with that stage's process, so a kill is detected), ended by each stage as it ends.
     store.call(store.client.update_run, parent, "RUNNING")
-    store.call(store.client.log_batch, parent, tags=_run_tags({**_process_tags()}))
-    all_tags = {"stage": stage, **common, "mlflow.parentRunId": parent, **_process_tags()}
+    store.call(store.client.log_batch, parent, tags=_run_tags({**process_tags()}))
+    all_tags = {"stage": stage, **common, "mlflow.parentRunId": parent, **process_tags()}
     all_tags.update(tags or {})
     info = store.call(store.client.create_run, experiment_id, run_name=run_name or stage, tags=all_tags).info
     run = StageRun(store, info.run_id, parent)
