@@ -163,12 +163,12 @@ def collect(args) -> Path:
     shutil.copy(cwd / "params.yaml", tmp / "params.yaml")
     for f in sorted((cwd / "metrics").glob("*.json")):
         shutil.copy(f, tmp / "metrics" / f.name)
-    report = cwd / "reports" / "report.md"
+    report = cwd / (args.report or "reports/report.md")
     if report.is_file() and not args.no_report:
         shutil.copy(report, tmp / "report.md")
         for link in sorted(set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text()))):
             (tmp / link).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(cwd / "reports" / link, tmp / link)
+            shutil.copy(report.parent / link, tmp / link)
     for extra in args.extra or []:
         dest = tmp / "files" / extra
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +251,7 @@ def main(argv=None) -> int:
         p.add_argument("--extra", nargs="*", help="workspace files to copy under files/")
         p.add_argument("--note", help="one paragraph for the README (what the experiment is)")
         p.add_argument("--no-report", action="store_true", help="do not copy reports/report.md")
+        p.add_argument("--report", help="the report to copy instead of reports/report.md (e.g. reports/smda/report.md)")
         if verb == "run":
             p.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
