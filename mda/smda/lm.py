@@ -5,12 +5,18 @@
   chat template). `smda-instruct` writes the analysed model to `data/smda/instruct/`: its
   weights and tokenizer, or — a hub model kept as it is — a `model.json` naming the repository
   and the commit, read back from the hub cache.
+- Prompts in a chat template carry a pinned date (`smda.model.date_string`, passed to the
+  template as `date_string`): Llama 3's template otherwise writes today's date, and a rerun on
+  another day would encode other prompts.
 - h: the residual stream after block `layer` (HF `hidden_states[layer + 1]`, SAELens's
-  `blocks.<layer>.hook_resid_post`) at the last prompt token, the position whose next-token
-  distribution starts the response.
+  `blocks.<layer>.hook_resid_post`) at the read position (`smda.model.read_position`): the last
+  prompt token, whose next-token distribution starts the response, or the end-of-turn token that
+  closes the user's message.
 - Y = log Σ_s p(s | prompt) over the refusal prefixes s (token sequences), each p a product
   of next-token probabilities.
 - Sequences are right-padded: with causal attention, padding after a token never changes it.
+- A generation is judged refused when its decoded text opens with one of the refusal patterns,
+  compared after `normalise_text` (case, apostrophes, whitespace), up to a word boundary.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class LM:
     chat_template: bool
     batch_size: int
     rt: object  # mda.core.compute.Runtime
+    read_position: str = SmdaModel.model_fields["read_position"].default
+    date_string: str = SmdaModel.model_fields["date_string"].default
 
     @property
     def hidden_size(self) -> int:
@@ -137,7 +145,8 @@ def load_analysed(directory: str | os.PathLike, smda_model: SmdaModel, rt) -> LM
     else:
         raise MdaError(f"{directory}: missing; run the smda-instruct stage")
     eager_attention(model)
-    return LM(model.to(rt.device).eval(), tokenizer, smda_model.chat_template, smda_model.batch_size, rt)
+    return LM(model.to(rt.device).eval(), tokenizer, smda_model.chat_template, smda_model.batch_size, rt,
+              smda_model.read_position, smda_model.date_string)
 
 
 def eager_attention(model) -> None:
@@ -148,14 +157,22 @@ def eager_attention(model) -> None:
 
 # ----------------------------------------------------------------------------- encoding
 def encode_prompt(lm_or_tok, prompt: str, chat_template: bool | None = None) -> list[int]:
-    """Token ids of a prompt as the model sees it (chat template and generation prompt if set)."""
+    """Token ids of a prompt as the model sees it (chat template, with the pinned date, and
+    generation prompt if set)."""
     tok = getattr(lm_or_tok, "tokenizer", lm_or_tok)
     use_template = lm_or_tok.chat_template if chat_template is None else chat_template
     if use_template:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        return list(tok(text, add_special_tokens=False).input_ids)
+        return list(tok(chat_text(lm_or_tok, prompt), add_special_tokens=False).input_ids)
     return list(tok(prompt, add_special_tokens=False).input_ids)
+
+
+def chat_text(lm_or_tok, prompt: str) -> str:
+    """A prompt as a user turn in the tokenizer's chat template, with the generation prompt and
+    the date of `smda.model.date_string` (the LM's, else the default)."""
+    tok = getattr(lm_or_tok, "tokenizer", lm_or_tok)
+    date = getattr(lm_or_tok, "date_string", LM.date_string)
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                   add_generation_prompt=True, date_string=date)
 
 
 def encode_response(tokenizer, response: str) -> list[int]:
@@ -205,6 +222,20 @@ def shared_inputs(prefixes: list[list[int]]) -> tuple[list[list[int]], list[int]
     return [list(i) for i in inputs], reads
 
 
+def read_positions(lm: LM, prompts: list[list[int]]) -> list[int]:
+    """Where h is read in each prompt (`smda.model.read_position`): its last token, or the last
+    end-of-turn token (the tokenizer's eos), which closes the user's message in a chat template."""
+    if lm.read_position == "last":
+        return [len(p) - 1 for p in prompts]
+    tok, out = lm.tokenizer, []
+    for p in prompts:
+        if tok.eos_token_id not in p:
+            raise ConfigError(f"params: smda.model.read_position: end_of_turn, but a prompt holds no end-of-turn "
+                              f"token {tok.eos_token!r} (the tokenizer's eos): {tok.decode(p)[:120]!r}")
+        out.append(len(p) - 1 - p[::-1].index(tok.eos_token_id))
+    return out
+
+
 def _trunk(lm: LM, ids: torch.Tensor):
     """The transformer without its unembedding: hidden states of every block, final-norm output."""
     with lm.rt.autocast():
@@ -214,11 +245,12 @@ def _trunk(lm: LM, ids: torch.Tensor):
 def hidden_and_logprob(lm: LM, prompts: list[list[int]], prefixes: list[list[int]],
                        layer: int | None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(h, Y) for each prompt: h (n, d) float64, the residual stream after block `layer` at the
-    last prompt token (None when `layer` is None); Y (n,) float64 = log Σ_s p(s | prompt) over
+    read position (None when `layer` is None); Y (n,) float64 = log Σ_s p(s | prompt) over
     the refusal prefixes. Logits are computed only where a prefix token is predicted."""
     if layer is not None and not 0 <= layer < lm.layers:
         raise ConfigError(f"params: smda.sae.layer: {layer} is not a block of this model "
                           f"({lm.layers} blocks: 0…{lm.layers - 1})")
+    where = read_positions(lm, prompts) if layer is not None else None
     inputs, reads = shared_inputs(prefixes)
     seqs = [(i, m, p + tail) for i, p in enumerate(prompts) for m, tail in enumerate(inputs)]
     h = torch.empty(len(prompts), lm.hidden_size, dtype=torch.float64)
@@ -242,16 +274,17 @@ def hidden_and_logprob(lm: LM, prompts: list[list[int]], prefixes: list[list[int
             logp.index_add_(0, slot, token_logp.double().cpu())
             first = [row for row, (_, m, _) in enumerate(chunk) if m == 0]
             if first and layer is not None:
-                last = torch.tensor([len(prompts[chunk[r][0]]) - 1 for r in first], device=dev)
+                at = torch.tensor([where[chunk[r][0]] for r in first], device=dev)
                 h[[chunk[r][0] for r in first]] = out.hidden_states[layer + 1][
-                    torch.tensor(first, device=dev), last].double().cpu()
+                    torch.tensor(first, device=dev), at].double().cpu()
     return (h if layer is not None else None), torch.logsumexp(logp.view(len(prompts), len(prefixes)), dim=1)
 
 
 def residual_stream(lm: LM, prompts: list[list[int]], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(every position's, each last position's) residual stream after block `layer`, float32:
+    """(every position's, each read position's) residual stream after block `layer`, float32:
     the SAE's training and measuring data."""
     every, last = [], []
+    where = read_positions(lm, prompts)
     with torch.no_grad():
         for start in range(0, len(prompts), lm.batch_size):
             chunk = prompts[start:start + lm.batch_size]
@@ -259,7 +292,7 @@ def residual_stream(lm: LM, prompts: list[list[int]], layer: int) -> tuple[torch
             hidden = _trunk(lm, ids).hidden_states[layer + 1].float().cpu()
             for row, p in enumerate(chunk):
                 every.append(hidden[row, :len(p)])
-                last.append(hidden[row, len(p) - 1])
+                last.append(hidden[row, where[start + row]])
     return torch.cat(every), torch.stack(last)
 
 
@@ -283,6 +316,36 @@ def generate(lm: LM, prompts: list[list[int]], tokens: int) -> list[list[int]]:
 
 def starts_with_any(generated: list[int], prefixes: list[list[int]]) -> bool:
     return any(generated[:len(p)] == p for p in prefixes)
+
+
+APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
+def normalise_text(text: str) -> str:
+    """Case-folded, curly and modifier apostrophes as ', whitespace runs as one space, no leading
+    whitespace: what refusal patterns and generations are compared as."""
+    return re.sub(r"\s+", " ", text.translate(APOSTROPHES)).lstrip().casefold()
+
+
+def refusal_texts(task) -> list[str]:
+    """The patterns generations are judged by: `smda.task.refusal_patterns`, or the prefixes."""
+    return list(task.refusal_patterns or task.refusal_prefixes)
+
+
+def is_refusal(text: str, patterns: list[str]) -> bool:
+    """Whether a generation's text opens with one of `patterns` (after `normalise_text`), the
+    match ending at a word boundary: "I can't" matches "I CAN’T help", not "I can'tx"."""
+    text = normalise_text(text)
+    for pattern in map(normalise_text, patterns):
+        if text.startswith(pattern) and not text[len(pattern):len(pattern) + 1].isalnum():
+            return True
+    return False
+
+
+def refused(tokenizer, generated: list[int], patterns: list[str]) -> bool:
+    """`is_refusal` on a generation's decoded ids (special tokens kept, so one that opens the
+    generation is no refusal)."""
+    return is_refusal(decode(tokenizer, generated), patterns)
 
 
 def decode(tokenizer, ids: list[int]) -> str:

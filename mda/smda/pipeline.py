@@ -69,7 +69,8 @@ def run_instruct(params: Params, checkpoints, corpus_tokenizer, task_dir, out: P
     smda = params.smda
     model = lms.load_base_model(smda.model, checkpoints)
     tokenizer = lms.load_tokenizer(smda.model, corpus_tokenizer)
-    lm = lms.LM(model.to(rt.device), tokenizer, smda.model.chat_template, smda.model.batch_size, rt)
+    lm = lms.LM(model.to(rt.device), tokenizer, smda.model.chat_template, smda.model.batch_size, rt,
+                smda.model.read_position, smda.model.date_string)
     pairs, _ = read_task(task_dir)
     chosen = pairs[pairs.set == "instruct"]
     if smda.instruct.epochs and chosen.empty:
@@ -125,7 +126,8 @@ def run_policy(params: Params, instruct_dir, sae_dir, task_dir) -> dict:
     pre = prefixes(params, lm)
     H, Y = lms.hidden_and_logprob(lm, ids, pre, params.smda.sae.layer)
     generations = lms.generate(lm, ids, p.generate_tokens)
-    refused = np.array([lms.starts_with_any(g, pre) for g in generations])
+    patterns = lms.refusal_texts(params.smda.task)
+    refused = np.array([lms.refused(lm.tokenizer, g, patterns) for g in generations])
     harmful = prompts.harmful.to_numpy(bool)
     test = pol.stratified_split(refused, p.test_fraction, p.seed)
     Z = sae.encode(H).numpy()
@@ -291,8 +293,9 @@ def eval_outputs(params: Params, lm: lms.LM, task_dir) -> pd.DataFrame:
     pre = prefixes(params, lm)
     _, Y = lms.hidden_and_logprob(lm, ids, pre, layer=None)
     generations = lms.generate(lm, ids, params.smda.evaluate.generate_tokens)
+    patterns = lms.refusal_texts(params.smda.task)
     return pd.DataFrame({"prompt_id": prompts.prompt_id, "harmful": prompts.harmful, "y": Y.numpy(),
-                         "refused": [lms.starts_with_any(g, pre) for g in generations],
+                         "refused": [lms.refused(lm.tokenizer, g, patterns) for g in generations],
                          "generation": [lms.decode(lm.tokenizer, g) for g in generations]})
 
 

@@ -2,13 +2,23 @@
 for it and for SAEs from the hub in SAELens's format.
 
 The format (SAELens): a folder with `cfg.json` (`architecture`, `d_in`, `d_sae`, `k` for
-TopK, `apply_b_dec_to_input`, `normalize_activations`, the hook in `hook_name` or
-`metadata.hook_name`) and `sae_weights.safetensors` with `W_enc` (d_in, d_sae), `b_enc`
-(d_sae), `W_dec` (d_sae, d_in), `b_dec` (d_in) (and `threshold` for JumpReLU).
+TopK, `apply_b_dec_to_input`, `normalize_activations`, `rescale_acts_by_decoder_norm` for TopK /
+BatchTopK, the hook in `hook_name` or `metadata.hook_name`) and `sae_weights.safetensors` with
+`W_enc` (d_in, d_sae), `b_enc` (d_sae), `W_dec` (d_sae, d_in), `b_dec` (d_in) (and `threshold`
+(d_sae) for JumpReLU, `topk_threshold` (a scalar) for BatchTopK).
 
 Encoder, with pre = (h − b_dec·apply_b_dec_to_input)·W_enc + b_enc:
 - `topk`: keep the k largest pre-activations, then ReLU (SAELens's TopK order);
-- `standard`: ReLU(pre);  `jumprelu`: ReLU(pre) where pre > threshold.
+- `standard`: ReLU(pre);  `jumprelu`: ReLU(pre) where pre > threshold;
+- `batchtopk` (a SAELens training checkpoint): at inference SAELens turns it into a JumpReLU SAE
+  at the learned global `topk_threshold` (`BatchTopKTrainingSAE.process_state_dict_for_saving_inference`),
+  and so do we — never the top k·n over a batch, which would make one prompt's features depend
+  on the other prompts in its batch.
+`rescale_acts_by_decoder_norm` (topk, batchtopk): SAELens multiplies pre by ‖W_dec row‖ before
+choosing the active latents and divides the latents by it before decoding. We fold that into the
+weights on loading, as SAELens does when it saves an inference SAE (`_fold_norm_topk`):
+W_enc·‖W_dec‖, b_enc·‖W_dec‖, W_dec/‖W_dec‖ (BatchTopK's threshold is already in those units), so
+encode / decode give SAELens's values and the encoder below stays pre-then-gate.
 The **gate** is the encoder's own active set at h — the latents it lets through (in the
 top k and positive; positive; above the threshold). The encoder is linear in h on that
 set, so its first-order change is gate ⊙ (Δh·W_enc): SMDA's ΔX, with the same encoder the
@@ -21,7 +31,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +43,8 @@ from mda.core.config import SmdaSae
 from mda.core.errors import MdaError
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
-ARCHITECTURES = ("topk", "standard", "jumprelu")
+ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu")
+RESCALED = ("topk", "batchtopk")  # SAELens's architectures with rescale_acts_by_decoder_norm
 
 
 @dataclass
@@ -83,7 +94,7 @@ def active_set(pre: torch.Tensor, architecture: str, k: int | None, threshold: t
     positive = pre > 0
     if architecture == "standard":
         return positive
-    if architecture == "jumprelu":
+    if architecture in ("jumprelu", "batchtopk"):
         return positive & (pre > threshold)
     top = torch.zeros_like(positive)
     top.scatter_(-1, pre.topk(k, dim=-1).indices, True)
@@ -126,12 +137,14 @@ def load_sae(directory: str | os.PathLike, dtype: torch.dtype = torch.float64) -
     except Exception as err:
         raise MdaError(f"{weights_path}: unreadable ({str(err).splitlines()[0]})") from None
     need = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if arch == "jumprelu" else [])
+    if arch == "batchtopk":  # a SAELens checkpoint holds the scalar topk_threshold, a converted one threshold
+        need.append("threshold" if "threshold" in weights else "topk_threshold")
     missing = [n for n in need if n not in weights]
     if missing:
         raise MdaError(f"{weights_path}: missing tensor(s) {', '.join(missing)} (SAELens key names)")
     d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
-              "threshold": (d_sae,)}
+              "threshold": (d_sae,), "topk_threshold": ()}
     for name in need:
         if tuple(weights[name].shape) != shapes[name]:
             raise MdaError(f"{weights_path}: {name} has shape {tuple(weights[name].shape)}, cfg.json says "
@@ -139,9 +152,29 @@ def load_sae(directory: str | os.PathLike, dtype: torch.dtype = torch.float64) -
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if arch == "topk" and not (isinstance(k, int) and 0 < k <= d_sae):
         raise MdaError(f"{cfg_path}: k {k!r} must be an integer in 1…d_sae for a topk SAE")
+    # Only the top-level key: SAELens also copies a training run's setting into metadata, where it
+    # describes weights it has already folded.
+    rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+    if not isinstance(rescale, bool):
+        raise MdaError(f"{cfg_path}: rescale_acts_by_decoder_norm {rescale!r} must be true or false")
+    if rescale and arch not in RESCALED:
+        raise MdaError(f"{cfg_path}: rescale_acts_by_decoder_norm is true, but SAELens's {arch} SAEs have no such "
+                       "setting (it would ignore it); fold the decoder norms into the weights and drop the key")
     get = lambda n: weights[n].to(dtype) if n in weights else None
-    return Sae(get("W_enc"), get("b_enc"), get("W_dec"), get("b_dec"), arch, k, get("threshold"),
-               bool(cfg.get("apply_b_dec_to_input", True)), cfg)
+    threshold = get("threshold")
+    if arch == "batchtopk" and threshold is None:
+        threshold = get("topk_threshold").expand(d_sae).clone()
+    sae = Sae(get("W_enc"), get("b_enc"), get("W_dec"), get("b_dec"), arch, k if arch == "topk" else None,
+              threshold, bool(cfg.get("apply_b_dec_to_input", True)), cfg)
+    return fold_decoder_norm(sae) if rescale else sae
+
+
+def fold_decoder_norm(sae: Sae) -> Sae:
+    """`rescale_acts_by_decoder_norm` folded into the weights (SAELens's `_fold_norm_topk`): the
+    pre-activations come out multiplied by each latent's decoder norm and the decoder rows are unit
+    norm, so the gate is chosen on the rescaled values and decode divides them back."""
+    norm = sae.W_dec.norm(dim=1).clamp(min=1e-8)  # SAELens's clamp (get_W_dec_norm)
+    return replace(sae, W_enc=sae.W_enc * norm, b_enc=sae.b_enc * norm, W_dec=sae.W_dec / norm[:, None])
 
 
 def hook_layer(cfg: dict) -> int | None:

@@ -174,7 +174,23 @@ def file_task(task: SmdaTask) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     chosen = np.sort(np.concatenate([order[:sizes[0] + sizes[1]], keep_sae]))
     prompts = pd.DataFrame({"split": split[chosen], "prompt": prompts.prompt.to_numpy()[chosen],
                             "harmful": prompts.harmful.to_numpy()[chosen]})
+    check_eval_unseen(prompts, pairs, files)
     return pairs, prompts, {"files": files.model_dump()}
+
+
+def check_eval_unseen(prompts: pd.DataFrame, pairs: pd.DataFrame, files) -> None:
+    """No evaluation prompt is also the prompt of a pair the models train on (the SFT or instruct
+    pairs; compared ignoring case and runs of whitespace): the held-out refusal rates would
+    otherwise be measured partly on training prompts."""
+    key = lambda text: " ".join(text.split()).casefold()
+    evals = prompts.prompt[prompts.split == "eval"]
+    for name, path in (("sft", files.sft), ("instruct", files.instruct)):
+        seen = set(pairs.prompt[pairs.set == name].map(key))
+        hits = [p for p in evals if key(p) in seen]
+        if hits:
+            raise MdaError(f"{files.prompts}: {len(hits)} of the {len(evals)} evaluation prompts also appear among "
+                           f"the {name} pairs of {path}, e.g. {hits[0][:80]!r}; remove them from one of the files "
+                           f"(params smda.task.files)")
 
 
 # ----------------------------------------------------------------------------- both

@@ -41,11 +41,23 @@ class SmdaModel(SmdaSection):
     prompt); off for the synthetic task, whose prompts carry their own markers."""
     batch_size: int = Field(512, ge=1)
     """Sequences per forward pass when scoring prompts (bounds memory on big models)."""
+    read_position: Literal["last", "end_of_turn"] = "last"
+    """Where the features (h) are read in a prompt: `last`, its last token (with the chat template,
+    the end of the generation prompt, whose next-token distribution starts the response);
+    `end_of_turn`, the end-of-turn token that closes the user's message (the tokenizer's eos, e.g.
+    Llama 3's `<|eot_id|>`; needs `chat_template`)."""
+    date_string: str = Field("26 Jul 2024", min_length=1)
+    """The date the chat template writes into the prompt (Llama 3's `date_string`; templates
+    without one ignore it). Pinned so that reruns encode the same prompts: without it Llama's
+    template writes today's date. The default is that template's own fallback."""
 
     @model_validator(mode="after")
     def _hub_repo(self):
         if self.source == "hub" and not self.hub.repo_id:
             raise ValueError("smda.model.hub.repo_id is required when source is 'hub'")
+        if self.read_position == "end_of_turn" and not self.chat_template:
+            raise ValueError("read_position end_of_turn needs chat_template: true (the end-of-turn token "
+                             "comes from the chat template)")
         return self
 
 
@@ -73,6 +85,11 @@ class SmdaTask(SmdaSection):
     refusal_prefixes: list[str] = Field(default_factory=lambda: ["raise False", "raise None"])
     """The refusal's response prefixes; Y = log Σ over them of p(prefix | prompt) (as the
     paper's "I can't" / "I cannot"). Each must be encodable by the model's tokenizer."""
+    refusal_patterns: list[str] = Field(default_factory=list)
+    """Openings that make a greedy generation count as a refusal (the policy's labels, the
+    evaluation's greedy metrics): its decoded text starts with one of them, ignoring case, leading
+    whitespace and runs of whitespace, with ’ ‘ ʼ read as ', and the match ending at a word boundary
+    ("I can't" matches "I CAN’T help", not "I can'tx"). Empty: `refusal_prefixes`."""
     topic_words: int = Field(16, ge=1)
     """Synthetic: size of the designated "harmful" topic set, drawn from the corpus's words."""
     prompt_words: int = Field(6, ge=2)
@@ -97,6 +114,8 @@ class SmdaTask(SmdaSection):
     def _task_inputs(self):
         if not self.refusal_prefixes or any(not p.strip() for p in self.refusal_prefixes):
             raise ValueError("refusal_prefixes needs at least one non-empty prefix")
+        if any(not p.strip() for p in self.refusal_patterns):
+            raise ValueError("refusal_patterns must not hold an empty pattern")
         if self.source == "files" and not (self.files.sft and self.files.prompts):
             raise ValueError("smda.task.files.sft and smda.task.files.prompts are required when source is 'files'")
         return self
@@ -181,7 +200,8 @@ class SmdaPolicy(SmdaSection):
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Share of the policy prompts held out for test accuracy (stratified by label)."""
     generate_tokens: int = Field(4, ge=1)
-    """Greedy tokens generated per prompt to label it refused (starts with a refusal prefix)."""
+    """Greedy tokens generated per prompt to label it refused (it opens with one of
+    `smda.task.refusal_patterns`)."""
     seed: int = Field(0, ge=0)
     """Seed of the train/test split."""
 
