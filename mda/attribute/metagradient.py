@@ -14,7 +14,9 @@ gives ∂f/∂w_i for the rows of that step — the metagradient of the samples 
 Memory is bounded by checkpointing: the forward replay keeps the (θ, m, v) state only at every
 `segment`-th step; the reverse pass recomputes one segment's states from its first one and walks
 back through it, so at most one segment of states (and one step's autograd graph) is held, never
-the whole trajectory's activations.
+the whole trajectory's activations. Both forward passes are the Trainer's own steps (its fused
+multi-tensor kernels, as fast as training); the reverse pass differentiates `step`, the same
+update written out tensor by tensor (equal to the Trainer's up to summation order, tested).
 
 Sign: the project's — positive means more of z raises the probe (as an influence score's
 positive means a gradient step on z raises it). Scale: f per unit of loss weight, unlike the
@@ -60,6 +62,7 @@ class Replay:
     total_steps: int
     first_step: int   # stream step of the first update
     adam_step: int    # AdamW updates made before the window start (for the bias corrections)
+    trainer: Trainer  # runs the forward passes (its own kernels: as fast as training)
 
     def lr(self, step: int) -> float:
         """The learning rate of the update at stream step `step` (`Trainer`'s schedule)."""
@@ -81,7 +84,7 @@ def from_trainer(trainer: Trainer, first_step: int) -> tuple[Replay, State]:
         raise MdaError(f"exact estimator: parameters have different AdamW step counts {sorted(steps)}")
     decay_ids = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     replay = Replay(model, names, [id(p) in decay_ids for p in params], trainer.recipe, trainer.total_steps,
-                    first_step, steps.pop())
+                    first_step, steps.pop(), trainer)
     if not math.isclose(trainer.lr, replay.lr(first_step), rel_tol=1e-12):
         raise MdaError(f"exact estimator: the schedule gives lr {replay.lr(first_step):.6g} at step {first_step}, "
                        f"the trainer {trainer.lr:.6g}")
@@ -135,10 +138,6 @@ def step(replay: Replay, state: State, t: int, ids: torch.Tensor, weights: torch
     return out_theta, out_m, out_v
 
 
-def _detached(state: State) -> State:
-    return tuple([x.detach() for x in part] for part in state)
-
-
 def _leaves(state: State) -> State:
     return tuple([x.detach().requires_grad_(True) for x in part] for part in state)
 
@@ -150,20 +149,40 @@ def window_batches(stream: Stream, first: int, last: int) -> dict[int, tuple[tor
             for s, ids, table in stream.batches(first, last)}
 
 
+def state_of(trainer: Trainer) -> State:
+    """Copies of the trainer's parameters and AdamW moments (in `named_parameters` order)."""
+    params = list(trainer.model.parameters())
+    opt = trainer.optimizer.state
+    return ([p.detach().clone() for p in params], [opt[p]["exp_avg"].clone() for p in params],
+            [opt[p]["exp_avg_sq"].clone() for p in params])
+
+
+def set_state(replay: Replay, state: State, t: int) -> None:
+    """Put the trainer at `state`, ready for the update at stream step `t` (AdamW's step count
+    and the schedule's learning rate included)."""
+    trainer = replay.trainer
+    opt = trainer.optimizer.state
+    with torch.no_grad():
+        for p, theta, m, v in zip(trainer.model.parameters(), *state):
+            p.copy_(theta)
+            opt[p]["exp_avg"].copy_(m)
+            opt[p]["exp_avg_sq"].copy_(v)
+            opt[p]["step"].fill_(replay.adam_step + (t - replay.first_step))
+    trainer.seek(t)
+
+
 def replay_window(replay: Replay, start: State, batches: dict, steps: list[int], segment: int,
                   desc: str = "exact: forward") -> tuple[State, dict[int, State]]:
     """(the state after the last step, the states at every segment start) of the window's
-    training, without autograd."""
-    saved, state = {}, start
-    with torch.no_grad():
-        for i, t in enumerate(tqdm(steps, desc=desc, unit="step")):
-            if i % segment == 0:
-                saved[t] = state
-            ids, _ = batches[t]
-            with torch.enable_grad():  # the loss gradient itself needs autograd
-                state = _detached(step(replay, _leaves(state)[:1] + state[1:], t, ids,
-                                       torch.ones(len(ids), dtype=state[0][0].dtype)))
-    return state, saved
+    training, run by the Trainer itself (the reverse pass differentiates `step`, the same update
+    in single-tensor arithmetic: equal to the Trainer's up to summation order, tested)."""
+    set_state(replay, start, steps[0])
+    saved = {}
+    for i, t in enumerate(tqdm(steps, desc=desc, unit="step")):
+        if i % segment == 0:
+            saved[t] = state_of(replay.trainer)
+        replay.trainer.step(batches[t][0])
+    return state_of(replay.trainer), saved
 
 
 def probe_gradient(replay: Replay, theta: list[torch.Tensor], probe: str, tokens: torch.Tensor,
@@ -198,15 +217,12 @@ def metagradients(replay: Replay, start: State, batches: dict, probe: str, token
     progress = tqdm(total=len(steps), desc=f"exact: reverse ({head.name})", unit="step")
     for seg_start in sorted(saved, reverse=True):
         seg = steps[steps.index(seg_start):steps.index(seg_start) + segment]
-        states, state = [], saved[seg_start]
-        with torch.no_grad():
-            for t in seg:  # recompute the segment's states (the one before each of its steps)
-                states.append(state)
-                if t != seg[-1]:
-                    with torch.enable_grad():
-                        ids, _ = batches[t]
-                        state = _detached(step(replay, _leaves(state)[:1] + state[1:], t, ids,
-                                               torch.ones(len(ids), dtype=state[0][0].dtype)))
+        states = []
+        set_state(replay, saved[seg_start], seg_start)
+        for t in seg:  # recompute the segment's states (the one before each of its steps)
+            states.append(state_of(replay.trainer))
+            if t != seg[-1]:
+                replay.trainer.step(batches[t][0])
         for t, before in zip(reversed(seg), reversed(states)):
             ids, _ = batches[t]
             leaves = _leaves(before)
