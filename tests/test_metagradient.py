@@ -108,18 +108,27 @@ def test_metagradient_equals_finite_differences_of_real_retraining(segment, atte
 def test_the_differentiated_update_is_the_trainers():
     """`step` (the update the reverse pass differentiates) iterated over a window equals the
     Trainer's training (float64), parameters and both AdamW moments — and `replay_window`, which
-    runs the Trainer itself, keeps the states at every segment start."""
+    runs the Trainer itself, keeps the states at every segment start and the clipped gradients from
+    which `adamw` alone rebuilds the states between them."""
     import torch
 
-    from mda.attribute.metagradient import _leaves, step
+    from mda.attribute.metagradient import GradientStore, _leaves, adamw, step
 
     warm, window = 5, 9
     trainer = trained(warm)
     stream = FakeStream(range(warm, warm + window), seed=2)
     replay, start = from_trainer(clone(trainer), warm)
     batches = window_batches(stream, warm, warm + window - 1)
-    end, saved = replay_window(replay, start, batches, list(range(warm, warm + window)), segment=4)
+    store = GradientStore(start[0], list(range(warm, warm + window)))
+    end, saved = replay_window(replay, start, batches, list(range(warm, warm + window)), segment=4, store=store)
     assert sorted(saved) == [warm, warm + 4, warm + 8]
+    rebuilt = saved[warm]  # the reverse pass's segment states: AdamW alone from the stored clipped gradients
+    for t in range(warm, warm + 8):
+        rebuilt = adamw(replay, rebuilt, t, store.read(t))
+        if t + 1 in saved:
+            for ours, theirs in zip(rebuilt, saved[t + 1]):
+                assert all((a - b).abs().max() <= 1e-12 * b.abs().max() for a, b in zip(ours, theirs))
+    store.close()
     state = start
     for t in range(warm, warm + window):
         ids = batches[t][0]

@@ -11,12 +11,15 @@ attribution for deep learning") carries the adjoint (θ̄, m̄, v̄) of the para
 moments back from θ̄ = ∇f(θ_end), one step at a time; each step's vector-Jacobian product also
 gives ∂f/∂w_i for the rows of that step — the metagradient of the samples there.
 
-Memory is bounded by checkpointing: the forward replay keeps the (θ, m, v) state only at every
-`segment`-th step; the reverse pass recomputes one segment's states from its first one and walks
-back through it, so at most one segment of states (and one step's autograd graph) is held, never
-the whole trajectory's activations. Both forward passes are the Trainer's own steps (its fused
-multi-tensor kernels, as fast as training); the reverse pass differentiates `step`, the same
-update written out tensor by tensor (equal to the Trainer's up to summation order, tested).
+Memory is bounded by checkpointing: the forward replay — the Trainer's own steps, its fused
+multi-tensor kernels, as fast as training — keeps the (θ, m, v) state only at every `segment`-th
+step, and writes each step's clipped gradient to a temporary file (`GradientStore`: steps ×
+parameters × 4 bytes, 4 GB on the default's window, deleted at the end). The reverse pass rebuilds
+one segment's states from its first one with the AdamW arithmetic alone (`adamw`: elementwise, no
+model pass — so the window is run forward once, not twice) and walks back through it, so at most
+one segment of states (and one step's autograd graph) is held in memory, never the whole
+trajectory's activations. The reverse pass differentiates `step`, the same update written out
+tensor by tensor (equal to the Trainer's up to summation order, tested).
 
 Sign: the project's — positive means more of z raises the probe (as an influence score's
 positive means a gradient step on z raises it). Scale: f per unit of loss weight, unlike the
@@ -110,24 +113,16 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
-def step(replay: Replay, state: State, t: int, ids: torch.Tensor, weights: torch.Tensor,
-         create_graph: bool = False) -> State:
-    """The update at stream step `t` (the (t − first_step + 1)-th of the window): loss gradient,
-    `clip_grad_norm_`, then torch's AdamW (single-tensor arithmetic). Differentiable in θ, the
-    moments and `weights` when `create_graph`."""
+def adamw(replay: Replay, state: State, t: int, grads: list[torch.Tensor]) -> State:
+    """torch's AdamW update at stream step `t` (single-tensor arithmetic) from the step's clipped
+    gradients: decoupled weight decay on matrices, both moments, bias corrections."""
     theta, m, v = state
     r = replay.recipe
-    loss_module = _StepLoss(replay.model)
-    loss = functional_call(loss_module, {f"model.{n}": p for n, p in zip(replay.names, theta)}, (ids, weights))
-    grads = torch.autograd.grad(loss, theta, create_graph=create_graph)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    coef = torch.clamp(r.grad_clip / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_
     lr, (beta1, beta2) = replay.lr(t), r.betas
     k = replay.adam_step + (t - replay.first_step) + 1
     bc1, bc2 = 1 - beta1 ** k, 1 - beta2 ** k
     out_theta, out_m, out_v = [], [], []
     for p, m_p, v_p, g, decays in zip(theta, m, v, grads, replay.decay):
-        g = g * coef
         p = p * (1 - lr * r.weight_decay) if decays else p
         m_p = m_p + (1 - beta1) * (g - m_p)          # exp_avg.lerp_(grad, 1 − β1)
         v_p = v_p * beta2 + (1 - beta2) * g * g
@@ -136,6 +131,57 @@ def step(replay: Replay, state: State, t: int, ids: torch.Tensor, weights: torch
         out_m.append(m_p)
         out_v.append(v_p)
     return out_theta, out_m, out_v
+
+
+def step(replay: Replay, state: State, t: int, ids: torch.Tensor, weights: torch.Tensor,
+         create_graph: bool = False) -> State:
+    """The update at stream step `t` (the (t − first_step + 1)-th of the window): loss gradient,
+    `clip_grad_norm_`, then torch's AdamW (`adamw`). Differentiable in θ, the moments and
+    `weights` when `create_graph`."""
+    theta = state[0]
+    loss = functional_call(_StepLoss(replay.model), {f"model.{n}": p for n, p in zip(replay.names, theta)},
+                           (ids, weights))
+    grads = torch.autograd.grad(loss, theta, create_graph=create_graph)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = torch.clamp(replay.recipe.grad_clip / (norm + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_
+    return adamw(replay, state, t, [g * coef for g in grads])
+
+
+class GradientStore:
+    """Each step's clipped gradients, flat, in a temporary file (one row per step): what the
+    reverse pass needs to rebuild a segment's states without running the model again."""
+
+    def __init__(self, params: list[torch.Tensor], steps: list[int]):
+        import shutil
+        import tempfile
+
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.dtype = params[0].dtype
+        self.row = {t: i for i, t in enumerate(steps)}
+        need = len(steps) * sum(self.sizes) * params[0].element_size()
+        self.dir = tempfile.TemporaryDirectory(prefix="mda-exact-")
+        free = shutil.disk_usage(self.dir.name).free
+        if need > free:
+            self.dir.cleanup()
+            raise MdaError(f"exact estimator: the window's gradients need {need / 2**30:.1f} GiB in "
+                           f"{tempfile.gettempdir()} (TMPDIR), {free / 2**30:.1f} GiB are free")
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        self.rows = np.lib.format.open_memmap(f"{self.dir.name}/gradients.npy", mode="w+", dtype=np_dtype,
+                                              shape=(len(steps), sum(self.sizes)))
+
+    def write(self, t: int, grads: list[torch.Tensor]) -> None:
+        if any(g is None for g in grads):
+            raise MdaError(f"exact estimator: a parameter has no gradient at step {t}")
+        self.rows[self.row[t]] = torch.cat([g.detach().reshape(-1) for g in grads]).cpu().numpy()
+
+    def read(self, t: int) -> list[torch.Tensor]:
+        flat = torch.from_numpy(np.array(self.rows[self.row[t]]))
+        return [x.view(shape) for x, shape in zip(flat.split(self.sizes), self.shapes)]
+
+    def close(self) -> None:
+        del self.rows
+        self.dir.cleanup()
 
 
 def _leaves(state: State) -> State:
@@ -172,16 +218,15 @@ def set_state(replay: Replay, state: State, t: int) -> None:
 
 
 def replay_window(replay: Replay, start: State, batches: dict, steps: list[int], segment: int,
-                  desc: str = "exact: forward") -> tuple[State, dict[int, State]]:
+                  store: GradientStore | None = None, desc: str = "exact: forward") -> tuple[State, dict[int, State]]:
     """(the state after the last step, the states at every segment start) of the window's
-    training, run by the Trainer itself (the reverse pass differentiates `step`, the same update
-    in single-tensor arithmetic: equal to the Trainer's up to summation order, tested)."""
+    training, run by the Trainer itself; each step's clipped gradients go into `store`."""
     set_state(replay, start, steps[0])
     saved = {}
     for i, t in enumerate(tqdm(steps, desc=desc, unit="step")):
         if i % segment == 0:
             saved[t] = state_of(replay.trainer)
-        replay.trainer.step(batches[t][0])
+        replay.trainer.step(batches[t][0], observe=None if store is None else lambda grads: store.write(t, grads))
     return state_of(replay.trainer), saved
 
 
@@ -210,19 +255,26 @@ def metagradients(replay: Replay, start: State, batches: dict, probe: str, token
         raise MdaError("exact estimator: a batch's logits exceed mda.model.losses.LOGIT_BUDGET; the exact estimator "
                        "needs full-vocabulary losses (a model of the default's size)")
     steps = sorted(batches)
-    end, saved = replay_window(replay, start, batches, steps, segment)
+    store = GradientStore(start[0], steps)
+    try:
+        return _reverse(replay, start, batches, steps, store, probe, tokens, head, segment)
+    finally:
+        store.close()
+
+
+def _reverse(replay: Replay, start: State, batches: dict, steps: list[int], store: GradientStore, probe: str,
+             tokens: torch.Tensor, head: Head, segment: int) -> dict[int, np.ndarray]:
+    end, saved = replay_window(replay, start, batches, steps, segment, store)
     theta_bar = probe_gradient(replay, end[0], probe, tokens, head)
     bar = (theta_bar, [torch.zeros_like(x) for x in end[1]], [torch.zeros_like(x) for x in end[2]])
     out = {}
     progress = tqdm(total=len(steps), desc=f"exact: reverse ({head.name})", unit="step")
     for seg_start in sorted(saved, reverse=True):
         seg = steps[steps.index(seg_start):steps.index(seg_start) + segment]
-        states = []
-        set_state(replay, saved[seg_start], seg_start)
-        for t in seg:  # recompute the segment's states (the one before each of its steps)
-            states.append(state_of(replay.trainer))
-            if t != seg[-1]:
-                replay.trainer.step(batches[t][0])
+        states = [saved[seg_start]]
+        with torch.no_grad():  # the segment's states (the one before each of its steps), from the stored gradients
+            for t in seg[:-1]:
+                states.append(adamw(replay, states[-1], t, store.read(t)))
         for t, before in zip(reversed(seg), reversed(states)):
             ids, _ = batches[t]
             leaves = _leaves(before)

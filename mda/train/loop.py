@@ -109,11 +109,15 @@ class Trainer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None) -> float:
+    def step(self, input_ids: torch.Tensor, row_weights: torch.Tensor | None = None,
+             observe=None) -> float:
         """One update on a step's whole batch (every rank passes the same one); returns the
-        batch's (weighted) mean token loss."""
+        batch's (weighted) mean token loss. `observe(grads)`, if given, sees the clipped gradients
+        the update is about to use (the exact estimator keeps them)."""
         loss = self.accumulate(input_ids, row_weights)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip, foreach=self.foreach)
+        if observe is not None:
+            observe([p.grad for p in self.model.parameters()])
         self.optimizer.step()
         self.scheduler.step()
         return loss
