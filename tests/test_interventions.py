@@ -338,11 +338,21 @@ def test_baseline_reproduces_pretraining_bit_exactly(selected_repo):
     assert all(torch.equal(t, original[k]) for k, t in ours.items())
     trajectory = pd.read_parquet(out / "trajectory.parquet")
     assert sorted(trajectory.seed.unique()) == [0, 1, 2] and sorted(trajectory.step.unique()) == [4, 6, 8]
-    # The step-4 evaluation with seed 0 uses locate's probe: it equals locate's row at step 4.
-    heads = pd.read_parquet(selected_repo / "data/locate/heads.parquet")
+    # The step-4 evaluation of run seed 0 is the saved step-4 checkpoint measured on the evaluation
+    # probe of seed `retrain.probe.seed` (not locate's probe, which chose the head and window).
+    from mda.core.config import load_params
+    from mda.data.corpus import read_corpus_meta
+    from mda.units.measure import checkpoint_metrics
+    from mda.units.probes import evaluation_probes, probe_tokens
+
+    params = load_params(selected_repo / "params.yaml")
+    step4 = load_model(selected_repo / "data/checkpoints/step4")
+    vocab = read_corpus_meta(selected_repo / "data/corpus").get("vocab_size")
+    probe = evaluation_probes(params, step4.config, vocab, [0])[0]
+    assert not torch.equal(probe, probe_tokens(params.locate.probe, step4.config, vocab))
+    theirs4, _ = checkpoint_metrics(step4, probe, None, params.locate.max_sequences, full=False)
     ours4 = trajectory[(trajectory.step == 4) & (trajectory.seed == 0)].sort_values(["layer", "head"])
-    theirs4 = heads[heads.step == 4].sort_values(["layer", "head"])
-    np.testing.assert_allclose(ours4.prefix_matching, theirs4.prefix_matching, rtol=1e-6)
+    np.testing.assert_allclose(ours4.prefix_matching, theirs4.sort_values(["layer", "head"]).prefix_matching, rtol=1e-6)
 
 
 @pytest.mark.slow

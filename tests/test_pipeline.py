@@ -2,6 +2,7 @@
 partial retrain matrix and a `dvc exp run` ablation on top of it."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -87,6 +88,13 @@ def test_mlflow_store_is_one_experiment_of_nested_pipeline_runs(quick_repo):
     client = MlflowClient(f"sqlite:///{quick_repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mda")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # MLflow 3.17's UI ignores that tag: the launcher's address opens the runs as model training
+    res = subprocess.run([sys.executable, "-m", "mda.core.mlflow_ui", "--print-url", "--port", "5055"],
+                         cwd=quick_repo, capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{quick_repo / 'mlflow.db'}"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == (f"http://127.0.0.1:5055/#/experiments/{experiment.experiment_id}/runs"
+                                  "?workflowType=machine_learning")
     (parent,) = mlflow_runs(quick_repo, parents=True)
     runs = mlflow_runs(quick_repo)
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
@@ -112,8 +120,10 @@ def test_report_names_a_missing_arm_and_evaluates_the_rest(quick_repo, tmp_path)
     for stage in ("evaluate", "report"):
         res = run_stage(repo, stage)
         assert res.returncode == 0, res.stderr
+    params = load_params(repo / "params.yaml")
+    runs = (len(params.retrain.fixed_arms) + len(params.retrain.random_arms)) * len(params.retrain.seeds)  # baseline incl.
     effects = pd.read_parquet(repo / "data/evaluate/effects.parquet")
-    assert len(effects) == 17 and not ((effects.arm == "augment-random") & (effects.seed == 1)).any()
+    assert len(effects) == runs - 1 and not ((effects.arm == "augment-random") & (effects.seed == 1)).any()
     assert json.loads((repo / "metrics/evaluate.json").read_text())["missing_runs"] == 1
     assert "Missing runs (not evaluated, not filled in): augment-random seed 1" in (repo / "reports/report.md").read_text()
     shutil.rmtree(repo / "data/retrain/baseline")

@@ -117,3 +117,21 @@ def test_a_killed_stage_run_is_marked_failed_by_the_next(tmp_path, monkeypatch):
     killed = client.get_run(run_id)
     assert killed.info.status == "FAILED" and killed.data.tags["mda.killed"] == "true"
     assert client.get_run(rerun.run_id).info.status == "FINISHED"
+
+
+def test_ui_launcher_names_a_missing_store_in_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mda.core.mlflow_ui", "--print-url"], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'none.db'}"})
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip() == f"error: {tmp_path / 'none.db'}: no MLflow store yet; run a stage first (e.g. dvc repro)"
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_ui_launcher_prints_the_runs_table_of_the_mda_experiment(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tracking.Store(uri)
+    experiment_id = store.experiment_id()
+    res = subprocess.run([sys.executable, "-m", "mda.core.mlflow_ui", "--print-url", "--port", "5123"], cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"http://127.0.0.1:5123/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
