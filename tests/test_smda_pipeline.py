@@ -211,7 +211,8 @@ def test_curated_set_without_one_class_stops_the_sft_run(copy_of):
     path = copy_of / "data/smda/curate/removed.parquet"
     pairs = pd.read_parquet(copy_of / "data/smda/task/pairs.parquet")
     harmless = pairs[(pairs.set == "sft") & ~pairs.harmful].pair_id
-    pq.write_table(pa.Table.from_pandas(pd.DataFrame({"set": "curated", "seed": -1, "pair_id": harmless}),
+    rule = json.loads(path.with_name("summary.json").read_text())["rule"]  # `curated` is that rule's set
+    pq.write_table(pa.Table.from_pandas(pd.DataFrame({"set": f"curated-{rule}", "seed": -1, "pair_id": harmless}),
                                         preserve_index=False), path)
     shutil.rmtree(copy_of / "data/smda/sft/curated-0")
     res = run_stage(copy_of, "smda_sft", args=["curated", "0"])
