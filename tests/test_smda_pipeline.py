@@ -236,8 +236,12 @@ def test_rules_table_reads_the_stages_metrics(smda_repo, tmp_path):
     curate = json.loads((smda_repo / "data/smda/curate/summary.json").read_text())
     assert set(rows) == set(curate["per_rule"])
     assert rows["within_class"]["trained"] and not rows["sign"]["trained"]  # only within_class's sets were trained
-    assert rows["within_class"]["precision"] == curate["truth"]["within_class"]["precision"]
+    # the configured rule (`oriented` here) was trained as the plain `curated` / `random` sets
     hyp = __import__("pandas").read_parquet(smda_repo / "data/smda/evaluate/hypothesis.parquet")
+    plain = hyp[(hyp.comparison == "curated ≥ full") & (hyp.metric == "soft_f1")].iloc[0]
+    assert rows["oriented"]["trained"]
+    assert rows["oriented"]["curated_minus_full_soft_f1"]["mean"] == pytest.approx(plain.mean_difference)
+    assert rows["within_class"]["precision"] == curate["truth"]["within_class"]["precision"]
     soft = hyp[(hyp.comparison == "curated-within_class ≥ full") & (hyp.metric == "soft_f1")].iloc[0]
     assert rows["within_class"]["curated_minus_full_soft_f1"]["mean"] == pytest.approx(soft.mean_difference)
     text = out.read_text()
