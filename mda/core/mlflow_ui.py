@@ -12,13 +12,12 @@ UI versions that honour it.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
 from mda.core.errors import MdaError
 from mda.core.provenance import tracking_uri
-from mda.core.tracking import EXPERIMENT
+from mda.core.tracking import EXPERIMENT, _sqlite_path
 
 WORKFLOW = "machine_learning"
 """The UI's own value for "Model training" (its enum: genai | machine_learning)."""
@@ -33,8 +32,9 @@ def experiment_id_in(uri: str, name: str = EXPERIMENT) -> str:
     """The id of experiment `name` in the store `uri`, or one line saying it is not there yet."""
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
-        raise MdaError(f"{uri[len('sqlite:///'):]}: no MLflow store yet; run a stage first (e.g. dvc repro)")
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise MdaError(f"{db}: no MLflow store yet; run a stage first (e.g. dvc repro)")
     exp = MlflowClient(uri).get_experiment_by_name(name)
     if exp is None:
         raise MdaError(f"MLflow store {uri}: no experiment {name!r}; run a stage first (e.g. dvc repro)")

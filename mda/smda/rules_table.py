@@ -45,18 +45,19 @@ def rows_of(folder: Path) -> list[dict]:
     curate, ev = _load(folder, "metrics/smda_curate.json"), _load(folder, "metrics/smda_evaluate.json")
     comps = ev.get("comparisons", {})
     configured = params["smda"]["curate"]["rule"]  # its sets are also trained as plain `curated` / `random`
+
+    def get(rule: str, key: str, plain: str | None = None) -> dict:
+        return comps.get(key) or (comps.get(plain) if plain and rule == configured else None) or {}
+
     rows = []
     for rule, r in curate["rules"].items():
-        def get(key: str, plain: str | None = None) -> dict:
-            return comps.get(key) or (comps.get(plain) if plain and rule == configured else None) or {}
-
         row = {"task_seed": seed, "rule": rule, **{k: r.get(k) for k in ("removed", "precision", "recall",
                                                                            "random_precision_mean", "p_precision",
                                                                            "x_share_removed")}}
         for metric in ("soft_f1", "greedy_f1"):
-            row[f"curated_minus_full_{metric}"] = get(f"curated-{rule} ≥ full.{metric}", f"curated ≥ full.{metric}")
-            row[f"full_minus_random_{metric}"] = get(f"full > random-{rule}.{metric}", f"full > random.{metric}")
-            row[f"oracle_minus_full_{metric}"] = get(f"oracle ≥ full.{metric}")
+            row[f"curated_minus_full_{metric}"] = get(rule, f"curated-{rule} ≥ full.{metric}", f"curated ≥ full.{metric}")
+            row[f"full_minus_random_{metric}"] = get(rule, f"full > random-{rule}.{metric}", f"full > random.{metric}")
+            row[f"oracle_minus_full_{metric}"] = get(rule, f"oracle ≥ full.{metric}")
         c, f = row[f"curated_minus_full_{PRIMARY}"], row[f"full_minus_random_{PRIMARY}"]
         trained = bool(c) and bool(f)
         row["held"] = trained and c["mean"] >= 0 and f["mean"] > 0
