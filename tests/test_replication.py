@@ -71,13 +71,16 @@ def test_table_puts_the_headline_effects_side_by_side():
                         "+0.50 (0.2) | supported (exploratory) |")
     assert lines[4].startswith("| init-seed-2 | 2 | L2H2 |") and \
         "| 0.7 (t, K = 3) | — | -0.10 (0.8) | not shown |" in lines[4]
-    assert len([l for l in lines if l.startswith("| ")]) == 5  # header, rule, three experiments
+    assert len([l for l in lines[:lines.index("")] if l.startswith("| ")]) == 5  # header, rule, three experiments
     # remove-top beyond remove-random: 302 > 30, 236 > 25, 20 < 40 → 2 of 3; p ≤ 0.05 in 2.
     assert "- `remove-top` moved emergence later than `remove-random` in 2 of 3 experiments; p ≤ 0.05 in 2 of 3." \
         in lines
     # augment-top earlier than augment-random: −6 < −11? no; −40 < 5 yes; 3 < −2 no → 1 of 3; p ≤ 0.05 in 1.
     assert "- `augment-top` moved emergence earlier than `augment-random` in 1 of 3 experiments; p ≤ 0.05 in 1 of 3." \
         in lines
+    # the claims table: the verdict per experiment, and the count of "supported" (exploratory included)
+    assert "| claim | main | init-seed-1 | init-seed-2 | supported in |" in lines
+    assert "| Removing beats random | supported (exploratory) | supported (exploratory) | not shown | 2 of 3 |" in lines
     assert "- Not summarised: init-seed-3 (error: {'type': 'ReproductionError', 'msg': 'failed'})." in lines
 
 
@@ -86,7 +89,7 @@ def test_cli_reads_a_saved_json_and_fails_in_one_line(tmp_path, capsys):
     path.write_text(json.dumps(exp_show()))
     out = tmp_path / "replication.md"
     main(["--input", str(path), "--out", str(out), "--names", "main", "init-seed-2"])
-    rows = [l for l in out.read_text().splitlines() if l.startswith("| ")]
+    rows = [l for l in out.read_text().split("\n\n")[0].splitlines() if l.startswith("| ")]  # the first table
     assert len(rows) == 4 and rows[2].startswith("| main |") and rows[3].startswith("| init-seed-2 |")
     path.write_text(json.dumps([rev("main", "a" * 40, 0, None)]))
     with pytest.raises(SystemExit) as exit_:

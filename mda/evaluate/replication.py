@@ -15,7 +15,8 @@ arm's emergence delay (mean [95 % t-interval] over seeds, as `evaluate` reports 
 of each targeted arm against each of its random controls (the test `evaluate` chose by K, named),
 the ICL coupling r (p) and every verdict. Below the table, per targeted arm and control: in how many
 experiments it moved emergence in the hypothesised direction beyond the control, and in how many
-with p ≤ 0.05.
+with p ≤ 0.05. Then one row per claim: its verdict in each experiment and in how many it was
+supported.
 """
 
 from __future__ import annotations
@@ -146,6 +147,19 @@ def consistency(summaries: list[dict]) -> list[str]:
     return out
 
 
+def verdict_table(summaries: list[dict]) -> pd.DataFrame:
+    """One row per claim: its verdict in each experiment, and in how many it was supported (a
+    verdict the K < 19 t-test decided counts, marked exploratory in its cell)."""
+    claims = list(dict.fromkeys(v for s in summaries for v in s["verdicts"]))
+    rows = []
+    for c in claims:
+        states = [s["verdicts"].get(c) for s in summaries]
+        row = {"claim": c, **{s["experiment"]: v or "—" for s, v in zip(summaries, states)}}
+        row["supported in"] = f"{sum(str(v).startswith('supported') for v in states)} of {len(summaries)}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def markdown(frame: pd.DataFrame) -> str:
     cells = lambda row: "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
     return "\n".join([cells(frame.columns), cells(["---"] * len(frame.columns))]
@@ -192,6 +206,10 @@ def report(exp_show: list[dict] | None = None, include_workspace: bool = False, 
                        + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
     lines = [markdown(table(summaries)), ""]
     lines += [f"- {line}" for line in consistency(summaries)]
+    lines += ["", markdown(verdict_table(summaries)), ""]
+    lines.append("- *Moved emergence later / earlier than* compares the arm with its control only; a verdict also "
+                 "needs the arm's emergence later (removal) or earlier (augmentation) than the baseline's, and "
+                 "its test's p ≤ 0.05: the claims table.")
     lines.append("- Delays: steps, arm − baseline, mean [95 % t-interval] over seeds; p: one-sided, targeted arm "
                  "vs its random control, by the test `evaluate` chose from K (rank or t).")
     if skipped:
