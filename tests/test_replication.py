@@ -119,6 +119,7 @@ def test_experiment_folders_give_the_same_rows_as_dvc_exp_show(tmp_path, capsys)
     from_exp = report(exp_show()).splitlines()
     assert from_folders[2] == from_exp[2].replace("| main |", "| default |", 1)
     assert from_folders[3:5] == from_exp[3:5]
+    assert from_folders[-1] == f"- Made by `python -m mda.evaluate.replication --dirs {' '.join(folders)}`."
     (tmp_path / "default" / "metrics" / "evaluate.json").write_text("{not json")
     with pytest.raises(SystemExit):
         main(["--dirs", *folders])

@@ -239,6 +239,8 @@ def main(argv=None) -> None:
     except MdaError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    if args.dirs:  # a summary of committed folders says how to remake it
+        text += f"- Made by `python -m mda.evaluate.replication --dirs {' '.join(args.dirs)}`.\n"
     if args.out:
         Path(args.out).write_text(text)
     else:
