@@ -13,7 +13,7 @@ One row per experiment (and per commit row of the JSON, e.g. the branch's own ru
 `metrics/evaluate.json`: init seed, target head, window, k, the baseline's emergence step, each
 arm's emergence delay (mean [95 % t-interval] over seeds, as `evaluate` reports it), the p-value
 of each targeted arm against each of its random controls (the test `evaluate` chose by K, named),
-the ICL coupling r (p) and every verdict. Below the table, per targeted arm and control: in how many
+the ICL coupling r (p). Below the table, per targeted arm and control: in how many
 experiments it moved emergence in the hypothesised direction beyond the control, and in how many
 with p ≤ 0.05. Then one row per claim: its verdict in each experiment and in how many it was
 supported.
@@ -110,10 +110,10 @@ def _p(t: dict | None) -> str:
 
 
 def table(summaries: list[dict]) -> pd.DataFrame:
-    """The side-by-side table: one row per experiment; arms and tests present in any experiment."""
+    """The side-by-side table: one row per experiment; arms and tests present in any experiment
+    (the verdicts are in `verdict_table`)."""
     arms = [a for a in ARM_ORDER if any(a in s["delay"] for s in summaries)]
     tested = [(a, c) for a, c, _ in COMPARISONS if any((a, c) in s["tests"] for s in summaries)]
-    claims = list(dict.fromkeys(v for s in summaries for v in s["verdicts"]))
     rows = []
     for s in summaries:
         row = {"experiment": s["experiment"], "init seed": _num(s["init_seed"]), "target": s["target"] or "—",
@@ -123,7 +123,6 @@ def table(summaries: list[dict]) -> pd.DataFrame:
         row.update({f"p {arm} vs {control}": _p(s["tests"].get((arm, control))) for arm, control in tested})
         row["ICL r (p)"] = "—" if s["icl_r"] is None else \
             f"{s['icl_r']:+.2f} ({'—' if s['icl_p'] is None else format(s['icl_p'], '.2g')})"
-        row.update({f"verdict: {c}": s["verdicts"].get(c, "—") for c in claims})
         if s["missing_runs"]:
             row["experiment"] += f" ({s['missing_runs']} runs missing)"
         rows.append(row)
