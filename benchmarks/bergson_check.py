@@ -361,7 +361,7 @@ def run_check(args) -> dict:
             res = compare(inf, s, source, factor_rows, train_rows, args.labels, Path(tmp))
     except MdaError as err:
         fail(str(err))
-    extra = {"run": str(run.resolve()), "head": s.heads[0].name, "checkpoint_step": s.step,
+    extra = {"run": run.resolve().name, "head": s.heads[0].name, "checkpoint_step": s.step,
              "window": list(s.window), "samples": len(sample_ids), "factor_samples": len(factor_rows),
              "mda_side": "in-process (fit_ekfac on factor_subset, preconditioned_probe, stored_gradients)"}
     scores_path = run / "data/scores/scores.parquet"
