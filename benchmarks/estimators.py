@@ -8,7 +8,7 @@ work only (after imports and loading) and reading its own peak RSS:
 - `retrain` — one retraining of the formation window (`mda.intervene.retrain.train_edit`, no edit): the unit
   the exact estimator is measured in (MAGIC reports 2-3 of them per query; the goal here is ≤ 4);
 - `exact` — the metagradient of every window sample (`mda.attribute.metagradient`);
-- `ekfac` — the paper's estimator: factors, gradient cache, scores (`mda.influence.*`);
+- `ekfac` — the paper's estimator: factors, gradient cache, scores (`mda.attribute.*`);
 - `trajectory` — EK-FAC at each window checkpoint (`mda.attribute.trajectory`).
 
 `fd`: the exact estimator against real retraining on the full window: for the samples with the

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from mda.core.identity import checkpoint_digest, code_version, describe_mismatch, files_digest, value_digest
-from mda.core.compute import check_batching, runtime
+from mda.core.compute import check_batching, release_freed_heap, runtime
 from mda.core.config import Params
 from mda.data.corpus import read_heldout
 from mda.data.stream import Stream
@@ -97,6 +97,7 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
                                                 params.locate.max_sequences, full=False)
                 model_row = model_row or row
                 rows.append(heads.assign(step=step, seed=seed, **model_row))
+                release_freed_heap()  # else RSS grows with every probe seed's evaluation
         rt.barrier()
 
     def checkpoint(step: int) -> None:
