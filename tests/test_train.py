@@ -68,7 +68,7 @@ def test_release_freed_heap_returns_fragmented_pages():
     those pages (RSS grew with every probe seed). 900 MiB of heap blocks freed around survivors
     every 50th block must go back to the OS."""
     psutil = pytest.importorskip("psutil")
-    from mda.core.compute import release_freed_heap
+    from mda.intervene.retrain import release_freed_heap
 
     rss = lambda: psutil.Process().memory_info().rss / 2**20
     blocks = [torch.ones(7 * 4096) for _ in range(8000)]  # 112 KiB each: heap, not mmap

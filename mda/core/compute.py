@@ -182,23 +182,3 @@ def runtime(compute: Compute) -> Runtime:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Runtime(device=device, dtype=DTYPES[compute.dtype], micro_batch=compute.micro_batch,
                    threads=compute.threads, rank=rank, local_rank=local_rank, world_size=world)
-
-
-def release_freed_heap() -> bool:
-    """Return freed heap memory to the OS (glibc `malloc_trim`); False where there is none.
-
-    Retraining interleaves training steps with evaluations whose attention patterns are freed
-    straight away; glibc keeps the freed pages, fragmented, so a fixed arm scored with K probe
-    seeds grew ~16 MiB per evaluation (5.2 GiB at K = 19, `benchmarks/results/peak-rss.json`)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is None:
-        return False
-    trim(0)
-    return True

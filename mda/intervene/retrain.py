@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from mda.core.identity import checkpoint_digest, code_version, describe_mismatch, files_digest, value_digest
-from mda.core.compute import check_batching, release_freed_heap, runtime
+from mda.core.compute import check_batching, runtime
 from mda.core.config import Params
 from mda.data.corpus import read_heldout
 from mda.data.stream import Stream
@@ -133,6 +133,26 @@ def run_arm(params: Params, arm: str, seeds: list[int], edit_seed: int, corpus_d
         trajectory.to_parquet(out / "trajectory.parquet", index=False)
         pd.DataFrame(losses, columns=["step", "loss"]).to_parquet(out / "losses.parquet", index=False)
     return meta
+
+
+def release_freed_heap() -> bool:
+    """Return freed heap memory to the OS (glibc `malloc_trim`); False where there is none.
+
+    Retraining interleaves training steps with evaluations whose attention patterns are freed
+    straight away; glibc keeps the freed pages, fragmented, so a fixed arm scored with K probe
+    seeds grew ~16 MiB per evaluation (5.2 GiB at K = 19, `benchmarks/results/peak-rss.json`)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def open_work(work: Path, identity: dict, rt) -> bool:
