@@ -14,7 +14,9 @@ work only (after imports and loading) and reading its own peak RSS:
 `fd`: the exact estimator against real retraining on the full window: for the samples with the
 highest and lowest metagradient and one at the median, the window retrained with the sample's
 loss weight at 0 and at 2 (removing and duplicating it, ε = 1; float32 training) and at 0.5 and
-1.5 (ε = 0.5); (f(1 + ε) − f(1 − ε)) / 2ε against the metagradient.
+1.5 (ε = 0.5); (f(1 + ε) − f(1 − ε)) / 2ε against the metagradient. A fourth sample, the largest
+|metagradient| of the window's last segment, checks the late window (added after the scores showed
+the early samples' metagradients to be orders of magnitude larger: a diagnostic, not a tuned pick).
 """
 
 from __future__ import annotations
@@ -150,6 +152,11 @@ def fd(args) -> None:
     ordered = exact.sort_values()
     picks = {"highest": int(ordered.index[-1]), "lowest": int(ordered.index[0]),
              "median": int(ordered.index[len(ordered) // 2])}
+    # The metagradient's scale grows by orders of magnitude towards the window start
+    # (results/estimators scale.json), so the three above lie early; one sample of the last segment
+    # (the largest |metagradient| there) checks the late window, where few steps follow the edit.
+    late = rows.index[rows.step.to_numpy() >= window[1] - params.influence.exact_segment]
+    picks["late_highest_abs"] = int(exact.loc[late].abs().idxmax())
     out = []
     for label, sample in picks.items():
         f = {w: probe_after(sample, w) for w in (0.0, 0.5, 1.5, 2.0)}

@@ -10,7 +10,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from mda.core.errors import MdaError
-from mda.evaluate.estimators import agreement, arm_rows, lds_run, top_overlap
+from mda.evaluate.estimators import agreement, arm_rows, lds_run, scale_along_window, top_overlap
 from mda.evaluate.lds import predicted_change, subset_ids
 
 N = 200
@@ -77,3 +77,15 @@ def test_remove_top_rows_read_each_runs_evaluation(tmp_path):
     assert row["estimator"] == "exact" and row["delay"] == 250.0 and row["random_delay"] == 40.0
     assert row["tests"] == {"remove-random": {"p": 0.05, "test": "rank", "random_sets": 19}}
     assert row["before_emergence_share"] == 0.31
+
+
+def test_scale_along_the_window_is_each_spans_median_abs_score_over_the_last():
+    steps = np.repeat(np.arange(60), 4)  # 60 steps of 4 rows: 6 spans of 10 steps
+    rng = np.random.default_rng(2)
+    growing = pd.DataFrame({"step": steps, "score": rng.choice([-1.0, 1.0], size=240) * 10.0 ** (5 - steps // 10)})
+    flat = pd.DataFrame({"step": steps, "score": rng.normal(size=240)})
+    scale = scale_along_window({"growing": growing, "flat": flat})
+    assert [r["steps"] for r in scale["growing"]] == [[10 * i, 10 * (i + 1)] for i in range(6)]
+    assert [r["over_last"] for r in scale["growing"]] == pytest.approx([1e5, 1e4, 1e3, 1e2, 10, 1])
+    last = flat.score[flat.step >= 50].abs().median()
+    assert scale["flat"][0]["over_last"] == pytest.approx(flat.score[flat.step < 10].abs().median() / last)
