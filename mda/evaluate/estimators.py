@@ -44,12 +44,17 @@ TOP_FRACTION = 0.10
 SLICES = 6
 
 
-def read_scores(path: str | Path) -> pd.Series:
-    """A scores table's single head, indexed by sample id (sorted)."""
+def read_scores(path: str | Path) -> pd.DataFrame:
+    """A scores table of a single head (the comparison takes one target head)."""
     table = read_table(path, "scores")
     heads = sorted(table["head"].unique())
     if len(heads) != 1:
         raise MdaError(f"{path}: {len(heads)} heads ({', '.join(heads)}); the comparison takes one target head")
+    return table
+
+
+def by_sample(table: pd.DataFrame) -> pd.Series:
+    """A scores table's scores, indexed by sample id (sorted)."""
     return table.set_index("sample_id").score.sort_index()
 
 
@@ -180,16 +185,17 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     try:
-        scores = {n: read_scores(p) for n, p in map(pair, args.scores)}
+        tables = {n: read_scores(p) for n, p in map(pair, args.scores)}
+        scores = {n: by_sample(t) for n, t in tables.items()}
         agree = agreement(scores)
-        scale = scale_along_window({n: read_table(p, "scores") for n, p in map(pair, args.scores)})
+        scale = scale_along_window(tables)
         lds_runs = []
         if args.lds:
             if not args.stream:
                 raise MdaError("--lds needs --stream (the window's sample ids, to redraw the subsets)")
             from mda.data.stream import Stream
 
-            steps = pd.read_parquet(next(iter(dict(map(pair, args.scores)).values()))).step
+            steps = next(iter(tables.values())).step
             window = Stream(args.stream).read(int(steps.min()), int(steps.max()), columns=["sample_id"])
             lds_runs = [lds_run(folder, scores, window.column("sample_id").to_numpy()) for folder in args.lds]
         arms = arm_rows(dict(map(pair, args.arms)))
